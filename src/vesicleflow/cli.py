@@ -1,0 +1,190 @@
+"""The ``vesicleflow`` command line: one command per workflow stage, plus simulate/train/evaluate.
+
+Heavy modules (torch, scikit-image, zarr) are imported inside the commands, so ``--help`` and the
+light stages start fast. Errors in the user's input print one line naming the file and exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find synaptic vesicles in cryo-electron tomograms.")
+
+Model = Annotated[str | None, typer.Option(help="Model folder; default: the bundled model.")]
+VoxelSize = Annotated[float | None, typer.Option("--voxel-size-angstrom",
+                                                    help="Override the MRC header's voxel size (Å).")]
+
+
+@app.callback()
+def main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def user_errors(command):
+    """Turn the library's input/model errors into a one-line message and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from vesicleflow.io import InputError
+        from vesicleflow.model import ModelError
+
+        try:
+            return command(*args, **kwargs)
+        except (InputError, ModelError) as err:
+            typer.echo(f"vesicleflow {command.__name__}: error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def normalize(tomogram: Path, output: Path, model: Model = None, voxel_size_angstrom: VoxelSize = None) -> None:
+    """Rescale to the model's voxel size and z-score (writes a zarr)."""
+    from vesicleflow.normalize import normalize_tomogram
+
+    normalize_tomogram(tomogram, output, model, voxel_size_angstrom)
+
+
+@app.command()
+@user_errors
+def tile(normalized: Path, output: Path, model: Model = None,
+         window: Annotated[int | None, typer.Option(help="Window side (model voxels).")] = None,
+         overlap: float = 0.25, shards: int = 1) -> None:
+    """Plan the sliding windows and split them into shards (writes JSON)."""
+    from vesicleflow.tiling import tile_tomogram
+
+    tile_tomogram(normalized, output, model, window, overlap, shards)
+
+
+@app.command()
+@user_errors
+def infer(normalized: Path, plan: Path, output: Path, shard: int = 0, model: Model = None,
+          batch_size: int = 4, tta: bool = False, device: str = "auto",
+          threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None) -> None:
+    """Run the U-Net over one shard's windows."""
+    from vesicleflow.infer import infer_shard
+
+    infer_shard(normalized, plan, shard, output, model, batch_size, tta, device, threads)
+
+
+@app.command()
+@user_errors
+def stitch(output: Path, normalized: Annotated[Path, typer.Option(help="The normalized zarr.")],
+           shards: list[Path]) -> None:
+    """Combine shard predictions into the probability map."""
+    from vesicleflow.stitch import stitch_shards
+
+    stitch_shards(shards, normalized, output)
+
+
+@app.command()
+@user_errors
+def postprocess(probability: Path, output: Path, threshold: float = 0.5,
+                mask: Annotated[Path | None, typer.Option(help="Cytoplasm mask MRC.")] = None,
+                min_radius_nm: float = 8.0, max_radius_nm: float = 60.0,
+                min_separation_nm: float | None = None) -> None:
+    """Threshold, mask and separate touching vesicles into instance labels."""
+    from vesicleflow.postprocess import postprocess_probability
+
+    postprocess_probability(probability, output, threshold, mask, min_radius_nm, max_radius_nm, min_separation_nm)
+
+
+@app.command()
+@user_errors
+def spherefit(labels: Path, tomogram: Path, output: Path, voxel_size_angstrom: VoxelSize = None,
+              min_radius_nm: float = 8.0, max_radius_nm: float = 60.0, min_contrast: float = 0.2,
+              min_fit_score: float = 0.5, overlap_tolerance_nm: float = 2.0) -> None:
+    """Fit a sphere to every candidate on the original tomogram; flag outliers."""
+    from vesicleflow.spherefit import fit_spheres
+
+    fit_spheres(labels, tomogram, output, voxel_size_angstrom, min_radius_nm, max_radius_nm,
+                min_contrast, min_fit_score, overlap_tolerance_nm)
+
+
+@app.command()
+@user_errors
+def export(spheres: Path, labels: Path, tomogram: Path, out_dir: Path,
+           dataset: Annotated[str, typer.Option()], name: Annotated[str, typer.Option()],
+           voxel_size_angstrom: VoxelSize = None,
+           mask: Annotated[Path | None, typer.Option(help="Cytoplasm mask MRC.")] = None) -> None:
+    """Write vesicles.csv, labels.mrc and tomogram.json on the original grid."""
+    from vesicleflow.export import export_tomogram
+
+    export_tomogram(spheres, labels, tomogram, out_dir, dataset, name, voxel_size_angstrom, mask)
+
+
+@app.command()
+@user_errors
+def aggregate(out_dir: Path, tomogram_dirs: list[Path]) -> None:
+    """Summarise all tomograms: tables and plots."""
+    from vesicleflow.aggregate import aggregate_results
+
+    aggregate_results(tomogram_dirs, out_dir)
+
+
+@app.command()
+def simulate(out_dir: Path, datasets: int = 2, tomograms: int = 2,
+             shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (64, 256, 256),
+             seed: int = 0,
+             voxel_size_nm: Annotated[list[float] | None, typer.Option(
+                 help="Voxel size per dataset (repeat); default: random 1.0-2.8 nm.")] = None) -> None:
+    """Write synthetic tomograms (OUT/tomograms) and their ground truth (OUT/truth)."""
+    from vesicleflow.simulate import simulate_tree
+
+    simulate_tree(out_dir, n_datasets=datasets, n_tomograms=tomograms, shape=shape, seed=seed,
+                  voxel_sizes_nm=voxel_size_nm)
+    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+
+
+@app.command()
+def evaluate(results_dir: Path, truth_dir: Path,
+             min_f1: Annotated[float | None, typer.Option(help="Exit 1 if any tomogram's F1 is lower.")] = None) -> None:
+    """Precision, recall and F1 of a run against simulated ground truth."""
+    import pandas as pd
+
+    from vesicleflow.evaluate import evaluate_results
+
+    scores = evaluate_results(results_dir, truth_dir)
+    if scores.empty:
+        typer.echo("no tomogram with both results and ground truth found", err=True)
+        raise typer.Exit(1)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        typer.echo(scores.round(3).to_string(index=False))
+    if min_f1 is not None and (scores["f1"] < min_f1).any():
+        typer.echo(f"F1 below {min_f1} for at least one tomogram", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def train(data_dirs: Annotated[list[Path], typer.Argument(help="Folders from `vesicleflow simulate` (tomograms/ + truth/).")],
+          output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write.")],
+          init: Model = None, epochs: int = 20, steps_per_epoch: int = 50, batch_size: int = 2,
+          patch: int = 48, learning_rate: float = 2e-3, seed: int = 0, device: str = "auto") -> None:
+    """Train (or fine-tune from --init) a U-Net on tomograms with label MRCs."""
+    from vesicleflow.train import train_model
+
+    train_model(data_dirs, output, init=init, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                batch_size=batch_size, patch=patch, learning_rate=learning_rate, seed=seed, device=device)
+
+
+@app.command("import-model")
+@user_errors
+def import_model(kind: Annotated[str, typer.Argument(help="Model family; supported: cryovesnet")],
+                 source: Path, output: Annotated[Path, typer.Option("-o", "--output")]) -> None:
+    """Convert a foreign model file into a vesicleflow model folder."""
+    if kind != "cryovesnet":
+        typer.echo(f"unknown model kind {kind!r}; supported: cryovesnet", err=True)
+        raise typer.Exit(2)
+    from vesicleflow.cryovesnet import import_cryovesnet
+
+    typer.echo(str(import_cryovesnet(source, output)))

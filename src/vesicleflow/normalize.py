@@ -1,0 +1,137 @@
+"""normalize: original tomogram -> model voxel size, anti-aliased, z-scored, chunked (zarr).
+
+Works slab by slab over z from a memory-mapped MRC, so peak memory is a few slabs, not the volume.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from vesicleflow.grid import GridMapping
+from vesicleflow.io import InputError, atomic_output, read_tomogram, read_tomogram_info
+from vesicleflow.modelinfo import Preprocessing, load_model_info
+from vesicleflow.volumes import create_volume, open_volume, z_slabs
+
+log = logging.getLogger(__name__)
+
+#: Output planes computed per step; bounds peak memory to about (slab + halo) input planes.
+SLAB_PLANES = 32
+#: Samples used for the robust (median / MAD) statistics.
+STATISTICS_SAMPLES = 4_000_000
+
+
+def antialias_sigma(zoom: float) -> float:
+    """Gaussian sigma (input voxels) that suppresses aliasing when shrinking by ``zoom`` < 1."""
+    return max(0.0, (1.0 / zoom - 1.0) / 2.0) if zoom < 1.0 else 0.0
+
+
+def _resample_slab(volume, mapping: GridMapping, out_start: int, out_stop: int, sigma_in: float,
+                   sigma_out: float) -> np.ndarray:
+    """Resample output planes [out_start, out_stop) (plus the smoothing halo) from the input."""
+    halo_out = int(np.ceil(4 * sigma_out)) if sigma_out > 0 else 0
+    n_out = mapping.model_shape
+    lo_out, hi_out = max(0, out_start - halo_out), min(n_out[0], out_stop + halo_out)
+    z_src = mapping.model_to_original(np.arange(lo_out, hi_out))
+    halo_in = int(np.ceil(4 * sigma_in)) + 2
+    lo_in = max(0, int(np.floor(z_src.min())) - halo_in)
+    hi_in = min(volume.shape[0], int(np.ceil(z_src.max())) + halo_in + 1)
+    block = np.asarray(volume[lo_in:hi_in], dtype=np.float32)
+    if not np.isfinite(block).all():
+        raise InputError("NaN or Inf voxel values")
+    if sigma_in > 0:
+        block = ndimage.gaussian_filter(block, sigma_in, mode="nearest")
+    coords = [z_src - lo_in] + [mapping.model_to_original(np.arange(n)) for n in n_out[1:]]
+    out = block
+    for axis, positions in enumerate(coords):
+        out = _linear_resample_axis(out, positions, axis)
+    if sigma_out > 0:
+        out = ndimage.gaussian_filter(out, sigma_out, mode="nearest")
+    return out[out_start - lo_out: out_stop - lo_out]
+
+
+def _linear_resample_axis(block: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """Separable linear interpolation along one axis (edges clamped)."""
+    n = block.shape[axis]
+    positions = np.clip(positions, 0, n - 1)
+    low = np.floor(positions).astype(np.int64)
+    high = np.minimum(low + 1, n - 1)
+    frac = (positions - low).astype(np.float32)
+    shape = [1] * block.ndim
+    shape[axis] = -1
+    frac = frac.reshape(shape)
+    return np.take(block, low, axis=axis) * (1 - frac) + np.take(block, high, axis=axis) * frac
+
+
+def _statistics(array, zscore: str) -> tuple[float, float]:
+    """Centre and scale for the z-score, computed chunk-wise (exact mean/std, sampled median/MAD)."""
+    n_z = array.shape[0]
+    if zscore == "mean_std":
+        total, total_sq, count = 0.0, 0.0, 0
+        for start, stop in z_slabs(n_z, SLAB_PLANES):
+            block = np.asarray(array[start:stop], dtype=np.float64)
+            total += block.sum()
+            total_sq += np.square(block).sum()
+            count += block.size
+        centre = total / count
+        scale = float(np.sqrt(max(total_sq / count - centre**2, 0.0)))
+    else:
+        step = max(1, int(np.ceil((np.prod(array.shape) / STATISTICS_SAMPLES) ** (1 / 3))))
+        sample = np.concatenate([np.asarray(array[start:stop:step, ::step, ::step]).ravel()
+                                 for start, stop in z_slabs(n_z, SLAB_PLANES * step)])
+        centre = float(np.median(sample))
+        scale = float(1.4826 * np.median(np.abs(sample - centre)))
+        if scale <= 0:
+            scale = float(sample.std())
+    return float(centre), scale
+
+
+def normalize_tomogram(
+    tomogram: str | Path,
+    output: str | Path,
+    model: str | Path | None = None,
+    voxel_size_angstrom: float | None = None,
+) -> Path:
+    """Rescale ``tomogram`` to the model's voxel size, z-score it, and write a zarr at ``output``.
+
+    The zarr's attributes hold the :class:`GridMapping` that later stages use to return to the
+    original grid, plus the z-score statistics.
+    """
+    model_info = load_model_info(model)
+    return normalize_to_grid(tomogram, output, model_info.voxel_size_angstrom, model_info.preprocessing,
+                             voxel_size_angstrom)
+
+
+def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_size_angstrom: float,
+                      prep: Preprocessing, voxel_size_angstrom: float | None = None) -> Path:
+    """:func:`normalize_tomogram` for an explicit voxel size and preprocessing (used by training)."""
+    info = read_tomogram_info(tomogram, voxel_size_angstrom)
+    mapping = GridMapping(info.shape, info.voxel_size_angstrom, target_voxel_size_angstrom,
+                          info.origin_angstrom)
+    log.info("%s: %s voxels at %.2f Å -> %s at %.2f Å", info.path.name, info.shape,
+             info.voxel_size_angstrom, mapping.model_shape, target_voxel_size_angstrom)
+    volume = read_tomogram(info.path)
+    sigma_in = antialias_sigma(mapping.zoom)
+    with atomic_output(output) as tmp:
+        array = create_volume(tmp, mapping.model_shape, "float32")
+        try:
+            for start, stop in z_slabs(mapping.model_shape[0], SLAB_PLANES):
+                array[start:stop] = _resample_slab(volume, mapping, start, stop, sigma_in,
+                                                   prep.gaussian_sigma_voxels)
+        except InputError as err:
+            raise InputError(f"{info.path}: {err}") from None
+        centre, scale = _statistics(array, prep.zscore)
+        if not scale > 0:
+            raise InputError(f"{info.path}: the volume is constant (standard deviation 0)")
+        for start, stop in z_slabs(mapping.model_shape[0], SLAB_PLANES):
+            array[start:stop] = (np.asarray(array[start:stop]) - centre) / scale
+        array.attrs.update({"grid": mapping.to_attrs(), "zscore_centre": centre, "zscore_scale": scale,
+                            "zscore": prep.zscore, "source": str(info.path)})
+    return Path(output)
+
+
+def read_grid(normalized: str | Path) -> GridMapping:
+    return GridMapping.from_attrs(dict(open_volume(normalized).attrs)["grid"])

@@ -1,0 +1,150 @@
+"""Each stage's library function on small arrays, with assertions that would catch real bugs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shell_volume
+
+from vesicleflow.grid import GridMapping
+from vesicleflow.io import InputError, read_tomogram_info
+from vesicleflow.normalize import normalize_tomogram, read_grid
+from vesicleflow.postprocess import separate_instances
+from vesicleflow.spherefit import fit_sphere, fit_sphere_to_points, resolve_overlaps
+from vesicleflow.stitch import stitch_shards
+from vesicleflow.tiling import gaussian_importance, plan_windows, window_starts
+from vesicleflow.volumes import create_volume, read_full
+
+
+def test_grid_mapping_round_trip_and_physical_alignment():
+    mapping = GridMapping((100, 80, 60), 10.0, 20.0)
+    assert mapping.model_shape == (50, 40, 30)
+    index = np.array([0.0, 17.3, 99.0])
+    np.testing.assert_allclose(mapping.model_to_original(mapping.original_to_model(index)), index)
+    # voxel 0 and 1 of the original (10 Å) share model voxel 0 (20 Å): its centre is between them
+    assert mapping.model_to_original(0) == pytest.approx(0.5)
+
+
+def test_normalize_rescales_and_zscores(mrc_factory):
+    rng = np.random.default_rng(0)
+    data = (rng.normal(5.0, 3.0, (40, 64, 64))).astype(np.float32)
+    path = mrc_factory("tomo.mrc", data, voxel_size_angstrom=10.0)
+    out = normalize_tomogram(path, path.parent / "norm.zarr")  # bundled model: 20 Å
+    normalized = read_full(out)
+    assert normalized.shape == (20, 32, 32)
+    assert abs(float(np.median(normalized))) < 0.05
+    mapping = read_grid(out)
+    assert mapping.original_voxel_size_angstrom == 10.0 and mapping.original_shape == (40, 64, 64)
+
+
+def test_normalize_refuses_constant_and_nan_volumes(mrc_factory):
+    constant = mrc_factory("flat.mrc", np.ones((16, 32, 32), np.float32))
+    with pytest.raises(InputError, match="constant"):
+        normalize_tomogram(constant, constant.parent / "flat.zarr")
+    data = np.ones((16, 32, 32), np.float32)
+    data[3, 4, 5] = np.nan
+    nan = mrc_factory("nan.mrc", data)
+    with pytest.raises(InputError, match="NaN"):
+        normalize_tomogram(nan, nan.parent / "nan.zarr")
+    assert not (nan.parent / "nan.zarr").exists()
+
+
+@pytest.mark.parametrize("voxel", [0.0, 1.0, 500.0])
+def test_implausible_voxel_size_is_an_error(mrc_factory, voxel):
+    path = mrc_factory("bad.mrc", np.zeros((8, 8, 8), np.float32), voxel_size_angstrom=voxel)
+    with pytest.raises(InputError, match="voxel size"):
+        read_tomogram_info(path)
+    assert read_tomogram_info(path, voxel_size_override=14.0).voxel_size_angstrom == 14.0
+
+
+def test_window_plan_covers_volume_and_shards_partition_it():
+    assert window_starts(100, 64, 0.25) == [0, 36]
+    assert window_starts(40, 64, 0.25) == [0]
+    plan = plan_windows((70, 150, 130), 64, 0.25, shards=3)
+    covered = np.zeros((70, 150, 130), bool)
+    for z, y, x in plan["windows"]:
+        covered[z:z + 64, y:y + 64, x:x + 64] = True
+    assert covered.all()
+    indices = sorted(i for shard in plan["shards"] for i in shard)
+    assert indices == list(range(len(plan["windows"])))
+
+
+def _write_shard(path, box_start, box_stop, weighted, weight, shape):
+    attrs = {"box_start": box_start, "box_stop": box_stop, "shape": list(shape)}
+    create_volume(path / "weighted", weighted.shape, "float32", attrs=attrs)[...] = weighted
+    create_volume(path / "weight", weight.shape, "float32", attrs=attrs)[...] = weight
+
+
+def test_stitching_a_constant_prediction_gives_a_constant_map(tmp_path):
+    shape = (40, 90, 90)
+    normalized = tmp_path / "norm.zarr"
+    create_volume(normalized, shape, "float32", attrs={"grid": {}})
+    plan = plan_windows(shape, 32, 0.5, shards=2)
+    weights = gaussian_importance(32)
+    shards = []
+    for k, members in enumerate(plan["shards"]):
+        origins = np.array([plan["windows"][i] for i in members])
+        start, stop = origins.min(0), np.minimum(origins.max(0) + 32, shape)
+        acc_p = np.zeros(stop - start, np.float32)
+        acc_w = np.zeros(stop - start, np.float32)
+        for origin in origins:
+            box = tuple(slice(o - s, min(o + 32, e) - s) for o, s, e in zip(origin, start, stop))
+            crop = tuple(slice(0, b.stop - b.start) for b in box)
+            acc_p[box] += 0.7 * weights[crop]
+            acc_w[box] += weights[crop]
+        _write_shard(tmp_path / f"s{k}.zarr", start.tolist(), stop.tolist(), acc_p, acc_w, shape)
+        shards.append(tmp_path / f"s{k}.zarr")
+    out = stitch_shards(shards, normalized, tmp_path / "prob.zarr")
+    np.testing.assert_allclose(read_full(out), 0.7, rtol=1e-5)
+
+
+def test_gaussian_importance_is_centred_and_floored():
+    weights = gaussian_importance(32)
+    assert weights.max() == pytest.approx(weights[15, 15, 15], rel=1e-6)
+    assert weights.min() > 0
+
+
+def test_touching_balls_are_separated_and_small_objects_dropped():
+    grid = np.indices((40, 80, 80))
+    ball = lambda c, r: sum((g - v) ** 2 for g, v in zip(grid, c)) <= r**2  # noqa: E731
+    foreground = ball((20, 40, 25), 10) | ball((20, 40, 44), 9) | ball((20, 10, 70), 2)
+    labels = separate_instances(foreground, voxel_size_nm=2.0, min_radius_nm=8.0, max_radius_nm=40.0)
+    assert labels.max() == 2
+    assert labels[20, 40, 25] != labels[20, 40, 44] and labels[20, 40, 25] and labels[20, 40, 44]
+    assert labels[20, 10, 70] == 0
+
+
+def test_algebraic_sphere_fit_is_exact_on_points():
+    rng = np.random.default_rng(1)
+    directions = rng.normal(size=(200, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    centre, radius = fit_sphere_to_points(np.array([3.0, -2.0, 7.5]) + 11.0 * directions)
+    np.testing.assert_allclose(centre, [3.0, -2.0, 7.5], atol=1e-9)
+    assert radius == pytest.approx(11.0)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_synthetic_shell_fitted_within_half_a_voxel(noise):
+    true_centre = np.array([30.3, 31.6, 29.2])
+    membrane_radius, thickness = 12.4, 3.0
+    volume = shell_volume((64, 64, 64), true_centre, membrane_radius, thickness, noise=noise)
+    voxel_nm = 1.0
+    guess = true_centre + np.array([1.5, -1.2, 1.0])
+    fit = fit_sphere(volume, guess, membrane_radius + 1.5 + 2.0, voxel_nm)
+    assert fit is not None
+    assert np.linalg.norm(np.array([fit.z, fit.y, fit.x]) - true_centre) < 0.5
+    assert abs(fit.membrane_radius_nm - membrane_radius) < 0.5
+    assert fit.radius_nm == pytest.approx(fit.membrane_radius_nm + fit.membrane_thickness_nm / 2)
+    assert 2.5 < fit.membrane_thickness_nm < 5.0
+    assert fit.fit_score > 0.8
+
+
+def test_overlapping_spheres_keep_the_better_one():
+    table = pd.DataFrame({
+        "z": [10.0, 10.0, 10.0], "y": [10.0, 10.0, 40.0], "x": [10.0, 14.0, 10.0],
+        "radius_nm": [10.0, 10.0, 10.0], "fit_score": [0.9, 0.6, 0.9], "membrane_contrast": [1.0, 1.0, 1.0],
+        "outlier_reason": ["", "", ""],
+    })
+    flagged = resolve_overlaps(table, voxel_nm=1.0, tolerance_nm=2.0)
+    assert flagged.tolist() == [False, True, False]

@@ -1,0 +1,76 @@
+rule tile:
+    input:
+        normalized=rules.normalize.output[0],
+        model=MODEL_FILES,
+    output:
+        f"{OUT}/{{dataset}}/{{tomo}}/tiles.json",
+    params:
+        model=MODEL_DIR,
+        window=(
+            f"--window {config['inference']['window']}"
+            if config["inference"]["window"]
+            else ""
+        ),
+        overlap=config["inference"]["overlap"],
+        shards=config["inference"]["shards"],
+    log:
+        f"{OUT}/logs/tile/{{dataset}}/{{tomo}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/tile/{{dataset}}/{{tomo}}.tsv"
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../../envs/vesicleflow.yaml"
+    shell:
+        "vesicleflow tile {input.normalized:q} {output:q} --model {params.model:q} "
+        "{params.window} --overlap {params.overlap} --shards {params.shards} 2> {log:q}"
+
+
+rule infer:
+    input:
+        normalized=rules.normalize.output[0],
+        plan=rules.tile.output[0],
+        model=MODEL_FILES,
+    output:
+        temp(directory(f"{OUT}/{{dataset}}/{{tomo}}/shards/shard_{{shard}}.zarr")),
+    params:
+        model=MODEL_DIR,
+        batch_size=config["inference"]["batch_size"],
+        tta="--tta" if config["inference"]["tta"] else "--no-tta",
+        device=config["inference"]["device"],
+    threads: 2
+    log:
+        f"{OUT}/logs/infer/{{dataset}}/{{tomo}}/shard_{{shard}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/infer/{{dataset}}/{{tomo}}/shard_{{shard}}.tsv"
+    resources:
+        mem_mb=memory_mb(2500, 1.0),
+        runtime=runtime_min(30, 60),
+    conda:
+        "../../envs/vesicleflow-gpu.yaml"
+    shell:
+        "vesicleflow infer {input.normalized:q} {input.plan:q} {output:q} --shard {wildcards.shard} "
+        "--model {params.model:q} --batch-size {params.batch_size} {params.tta} "
+        "--device {params.device} --threads {threads} 2> {log:q}"
+
+
+rule stitch:
+    input:
+        normalized=rules.normalize.output[0],
+        shards=expand(
+            f"{OUT}/{{{{dataset}}}}/{{{{tomo}}}}/shards/shard_{{shard}}.zarr", shard=SHARDS
+        ),
+    output:
+        directory(f"{OUT}/{{dataset}}/{{tomo}}/probability.zarr"),
+    log:
+        f"{OUT}/logs/stitch/{{dataset}}/{{tomo}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/stitch/{{dataset}}/{{tomo}}.tsv"
+    resources:
+        mem_mb=memory_mb(1000, 0.3),
+        runtime=runtime_min(10, 10),
+    conda:
+        "../../envs/vesicleflow.yaml"
+    shell:
+        "vesicleflow stitch {output:q} --normalized {input.normalized:q} {input.shards:q} 2> {log:q}"

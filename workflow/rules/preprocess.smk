@@ -1,0 +1,21 @@
+rule normalize:
+    input:
+        tomogram=tomogram_path,
+        model=MODEL_FILES,
+    output:
+        directory(f"{OUT}/{{dataset}}/{{tomo}}/normalized.zarr"),
+    params:
+        model=MODEL_DIR,
+        voxel_size=voxel_size_option,
+    log:
+        f"{OUT}/logs/normalize/{{dataset}}/{{tomo}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/normalize/{{dataset}}/{{tomo}}.tsv"
+    resources:
+        mem_mb=memory_mb(1000, 0.3),
+        runtime=runtime_min(10, 10),
+    conda:
+        "../../envs/vesicleflow.yaml"
+    shell:
+        "vesicleflow normalize {input.tomogram:q} {output:q} --model {params.model:q} "
+        "{params.voxel_size} 2> {log:q}"
