@@ -348,7 +348,7 @@ class _Phantom:
             self.info["plasma_membrane"] = None
         else:
             phi = rng.uniform(0, 2 * np.pi)
-            nz = rng.uniform(-0.25, 0.25)
+            nz = rng.uniform(-0.1, 0.1)  # near-vertical: inclined membranes fade in the wedge
             n = np.array([nz, math.cos(phi), math.sin(phi)])
             n /= np.linalg.norm(n)
             corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * g.extent

@@ -7,9 +7,16 @@ rule aggregate:
             f"{tomogram_dir(dataset, tomo)}/tomogram.json" for dataset, tomo in TOMOGRAMS
         ],
     output:
-        summary_outputs(),
+        vesicles=f"{OUT}/summary/vesicles.csv",
+        per_tomogram=f"{OUT}/summary/per_tomogram.csv",
+        per_dataset=f"{OUT}/summary/per_dataset.csv",
+        radius_plot=report(
+            f"{OUT}/summary/radius_distribution.png",
+            caption="../report/radius_distribution.rst",
+            category="Statistics",
+        ),
     params:
-        out_dir=f"{OUT}/summary",
+        out_dir=lambda wildcards, output: os.path.dirname(output.vesicles),
         tomogram_dirs=[tomogram_dir(dataset, tomo) for dataset, tomo in TOMOGRAMS],
     log:
         f"{OUT}/logs/aggregate.log",

@@ -9,7 +9,7 @@ rule export:
         labels=f"{OUT}/{{dataset}}/{{tomo}}/labels.mrc",
         info=f"{OUT}/{{dataset}}/{{tomo}}/tomogram.json",
     params:
-        out_dir=lambda wildcards: tomogram_dir(wildcards.dataset, wildcards.tomo),
+        out_dir=lambda wildcards, output: os.path.dirname(output.vesicles),
         voxel_size=voxel_size_option,
         mask=mask_option,
     log:
