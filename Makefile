@@ -30,6 +30,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+bench: $(STAMP)
+	$(BIN)/vesicleflow bench --out bench/perf
+
+ACCURACY := bench/accuracy
+bench-accuracy: $(STAMP)
+	$(BIN)/vesicleflow accuracy-suite $(ACCURACY)/data
+	$(BIN)/snakemake --profile profiles/local --config input_dir=$(ACCURACY)/data/tomograms output_dir=$(ACCURACY)/results
+	$(BIN)/vesicleflow evaluate $(ACCURACY)/results $(ACCURACY)/data/truth --by-dataset --json-out $(ACCURACY)/accuracy.json
+
+# Retrain the bundled model's recipe into models/trained (see README, "The model").
+TRAIN_DATA := build/train-data
+train: $(STAMP)
+	$(BIN)/vesicleflow simulate $(TRAIN_DATA) --datasets 6 --tomograms 4 --shape 64 192 192 --seed 1000
+	$(BIN)/vesicleflow train $(TRAIN_DATA) -o models/trained --epochs 30 --steps-per-epoch 40 --learning-rate 3e-3
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/snakemake --lint

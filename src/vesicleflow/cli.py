@@ -102,12 +102,15 @@ def postprocess(probability: Path, output: Path, threshold: float = 0.5,
 @user_errors
 def spherefit(labels: Path, tomogram: Path, output: Path, voxel_size_angstrom: VoxelSize = None,
               min_radius_nm: float = 8.0, max_radius_nm: float = 60.0, min_contrast: float = 0.2,
-              min_fit_score: float = 0.5, overlap_tolerance_nm: float = 2.0) -> None:
+              min_fit_score: float = 0.5, overlap_tolerance_nm: float = 2.0,
+              bilayer_thickness_nm: Annotated[float, typer.Option(
+                  help="Outer radius = membrane mid radius + half this; 0 = use the measured thickness.")] = 4.5,
+              ) -> None:
     """Fit a sphere to every candidate on the original tomogram; flag outliers."""
     from vesicleflow.spherefit import fit_spheres
 
     fit_spheres(labels, tomogram, output, voxel_size_angstrom, min_radius_nm, max_radius_nm,
-                min_contrast, min_fit_score, overlap_tolerance_nm)
+                min_contrast, min_fit_score, overlap_tolerance_nm, bilayer_thickness_nm)
 
 
 @app.command()
@@ -115,11 +118,13 @@ def spherefit(labels: Path, tomogram: Path, output: Path, voxel_size_angstrom: V
 def export(spheres: Path, labels: Path, tomogram: Path, out_dir: Path,
            dataset: Annotated[str, typer.Option()], name: Annotated[str, typer.Option()],
            voxel_size_angstrom: VoxelSize = None,
-           mask: Annotated[Path | None, typer.Option(help="Cytoplasm mask MRC.")] = None) -> None:
-    """Write vesicles.csv, labels.mrc and tomogram.json on the original grid."""
+           mask: Annotated[Path | None, typer.Option(help="Cytoplasm mask MRC.")] = None,
+           probability: Annotated[Path | None, typer.Option(
+               help="probability.zarr: also write it as probability.mrc on the original grid.")] = None) -> None:
+    """Write vesicles.csv, label/sphere MRCs, IMOD model, RELION STARs and a preview on the original grid."""
     from vesicleflow.export import export_tomogram
 
-    export_tomogram(spheres, labels, tomogram, out_dir, dataset, name, voxel_size_angstrom, mask)
+    export_tomogram(spheres, labels, tomogram, out_dir, dataset, name, voxel_size_angstrom, mask, probability)
 
 
 @app.command()
@@ -145,13 +150,27 @@ def simulate(out_dir: Path, datasets: int = 2, tomograms: int = 2,
     typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
 
 
+@app.command("accuracy-suite")
+def accuracy_suite(out_dir: Path, tomograms_per_case: int = 3,
+                   shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (64, 256, 256)) -> None:
+    """Write the held-out simulated accuracy suite (standard, crowded, low_snr, fine, empty)."""
+    from vesicleflow.accuracy import write_accuracy_suite
+
+    write_accuracy_suite(out_dir, tomograms_per_case, shape)
+    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+
+
 @app.command()
 def evaluate(results_dir: Path, truth_dir: Path,
-             min_f1: Annotated[float | None, typer.Option(help="Exit 1 if any tomogram's F1 is lower.")] = None) -> None:
+             min_f1: Annotated[float | None, typer.Option(help="Exit 1 if any tomogram's F1 is lower.")] = None,
+             by_dataset: Annotated[bool, typer.Option(help="Also pool the scores per dataset.")] = False,
+             json_out: Annotated[Path | None, typer.Option(help="Write the scores as JSON.")] = None) -> None:
     """Precision, recall and F1 of a run against simulated ground truth."""
     import pandas as pd
 
+    from vesicleflow.accuracy import summarize_by_dataset
     from vesicleflow.evaluate import evaluate_results
+    from vesicleflow.io import write_json
 
     scores = evaluate_results(results_dir, truth_dir)
     if scores.empty:
@@ -159,6 +178,14 @@ def evaluate(results_dir: Path, truth_dir: Path,
         raise typer.Exit(1)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         typer.echo(scores.round(3).to_string(index=False))
+        if by_dataset:
+            pooled = summarize_by_dataset(scores)
+            typer.echo("\nPooled per dataset:\n" + pooled.round(3).to_string(index=False))
+    if json_out:
+        payload = {"per_tomogram": scores.to_dict(orient="records")}
+        if by_dataset:
+            payload["per_dataset"] = pooled.to_dict(orient="records")
+        write_json(json_out, payload)
     if min_f1 is not None and (scores["f1"] < min_f1).any():
         typer.echo(f"F1 below {min_f1} for at least one tomogram", err=True)
         raise typer.Exit(1)

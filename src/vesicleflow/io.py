@@ -2,26 +2,44 @@
 
 A killed cluster job must never leave a half-written file behind that Snakemake (or a user) could
 mistake for a result, so every writer here goes through :func:`atomic_output`: write under a
-temporary name in the same folder, then rename.
+temporary name in the same folder, then rename. A temporary left behind by a killed process is
+removed the next time the same output is written.
+
+Input MRC files are checked before their voxels are touched (:func:`inspect_mrc`): every problem
+becomes an :class:`InputError` whose message is one line naming the file and the problem. Input
+files are only ever opened read-only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 #: Voxel sizes outside this range (Å) are almost surely a broken or unset header.
 PLAUSIBLE_VOXEL_SIZE_ANGSTROM = (3.0, 100.0)
+#: MRC modes whose voxels are real numbers (0 int8, 1 int16, 2 float32, 6 uint16, 12 float16).
+REAL_MRC_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+MRC_MODE_NAMES = {3: "complex int16", 4: "complex float32", 101: "4-bit packed"}
+HEADER_BYTES = 1024
 
 
 class InputError(ValueError):
     """A user's input file or setting is unusable; the message names the file and the problem."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
 
 
 @dataclass(frozen=True)
@@ -38,33 +56,176 @@ class TomogramInfo:
         return self.voxel_size_angstrom / 10.0
 
 
+@dataclass(frozen=True)
+class MrcLayout:
+    """Where an MRC file's voxels are and how they are stored (from a validated header)."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    header_voxel_size_angstrom: tuple[float, float, float]  # (z, y, x)
+    origin_angstrom: tuple[float, float, float]  # (z, y, x)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+# --------------------------------------------------------------------------------- atomic writes
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` left by a killed process of this host (its pid is gone)."""
+    prefix = _temp_prefix(path)
+    try:
+        siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for stale in siblings:
+        match = re.match(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}", stale.name[len(prefix):])
+        if not match or match["host"] != _HOST or _process_alive(int(match["pid"])):
+            continue
+        log.info("removing %s, left behind by a killed job", stale)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temporary_sibling(path: Path, kind: str = "") -> Path:
+    return path.with_name(f"{_temp_prefix(path)}{kind}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                          f"{''.join(path.suffixes)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
-    """Yield a temporary sibling path; on success rename it to ``path`` (file or folder)."""
+    """Yield a temporary sibling path; on success rename it to ``path`` (file or folder).
+
+    The temporary lives in the same folder (so the rename is atomic) and keeps ``path``'s suffixes
+    (so writers that pick a format by suffix still work). On an exception it is deleted and
+    ``path`` is left as it was; after a SIGKILL it stays behind, hidden, until the next write of
+    ``path`` on this host removes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
+    _remove_stale_temporaries(path)
+    tmp = _temporary_sibling(path)
     try:
         yield tmp
+        if not (tmp.exists() or tmp.is_symlink()):
+            raise FileNotFoundError(f"{tmp}: the writer produced nothing for {path}")
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
 
 
-def _open_mrc(path: Path):
-    import mrcfile
-
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+@contextlib.contextmanager
+def scratch_dir(output: str | os.PathLike):
+    """A private scratch folder beside ``output``, deleted on exit (and, if killed, with the next write)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _temporary_sibling(output, "scratch-")
+    scratch.mkdir()
     try:
-        return mrcfile.mmap(path, mode="r", permissive=False)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ reading MRC
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def inspect_mrc(path: str | os.PathLike, what: str = "tomogram") -> MrcLayout:
+    """Validate an MRC file's header against its size, without reading voxels.
+
+    Refuses: a missing file, a file that is not MRC, a truncated file, complex or packed modes, and
+    anything but a 3D volume with at least 2 voxels per axis (a 2D image, a single slice).
+    """
+    import mrcfile
+    from mrcfile.utils import data_dtype_from_header, data_shape_from_header
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise InputError(f"{path}: not an MRC file (only {size} bytes; an MRC header alone is {HEADER_BYTES})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = mrc.header.copy()
+                voxel = mrc.voxel_size
     except Exception as err:  # mrcfile raises ValueError, OSError, EOFError... for broken files
         raise InputError(f"{path}: not a readable MRC file ({err})") from err
+    if bytes(header.map).strip(b"\0 ") not in (b"MAP",):
+        raise InputError(f"{path}: not an MRC file (no 'MAP ' identifier at byte 208 of the header)")
+    mode = int(header.mode)
+    if mode not in REAL_MRC_MODES:
+        kind = MRC_MODE_NAMES.get(mode, "unknown")
+        raise InputError(f"{path}: unsupported MRC mode {mode} ({kind}); a {what} must hold real numbers "
+                         f"(modes {', '.join(map(str, REAL_MRC_MODES))})")
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    if min(nx, ny, nz) < 1:
+        raise InputError(f"{path}: corrupt MRC header (dimensions {nz} x {ny} x {nx})")
+    try:
+        dtype = np.dtype(data_dtype_from_header(header))
+        shape = tuple(int(s) for s in data_shape_from_header(header))
+    except Exception as err:
+        raise InputError(f"{path}: corrupt MRC header ({err})") from err
+    if len(shape) != 3:
+        raise InputError(f"{path}: a {what} must be a 3D volume; this MRC holds a 2D image of {ny} x {nx} "
+                         "pixels")
+    if nz < 2:
+        raise InputError(f"{path}: a {what} must be a 3D volume; this MRC holds a single slice "
+                         f"({nz} x {ny} x {nx} voxels)")
+    if min(shape) < 2:
+        raise InputError(f"{path}: a {what} needs at least 2 voxels along each axis; its shape (z, y, x) "
+                         f"is {shape}")
+    offset = HEADER_BYTES + int(header.nsymbt)
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if size < expected:
+        raise InputError(f"{path}: truncated: the header promises {shape[0]} x {shape[1]} x {shape[2]} "
+                         f"{dtype.name} voxels ({_mib(expected - offset)}) but the file holds only "
+                         f"{_mib(max(0, size - offset))} of voxel data")
+    origin = (float(header.origin.z), float(header.origin.y), float(header.origin.x))
+    return MrcLayout(path=path, shape=shape, dtype=dtype, offset=offset,
+                     header_voxel_size_angstrom=(float(voxel.z), float(voxel.y), float(voxel.x)),
+                     origin_angstrom=origin)
 
 
 def validated_voxel_size_angstrom(path: Path, header_value: float, override: float | None) -> float:
@@ -89,33 +250,94 @@ def validated_voxel_size_angstrom(path: Path, header_value: float, override: flo
 
 def read_tomogram_info(path: str | os.PathLike, voxel_size_override: float | None = None) -> TomogramInfo:
     """Read and validate an MRC header: a 3D real-valued volume with a plausible voxel size."""
-    path = Path(path)
-    with _open_mrc(path) as mrc:
-        if mrc.data is None or mrc.data.ndim != 3:
-            ndim = 0 if mrc.data is None else mrc.data.ndim
-            raise InputError(f"{path}: a tomogram must be a 3D volume, this MRC has {ndim} dimensions")
-        if mrc.data.dtype.kind not in "iuf":
-            raise InputError(f"{path}: unsupported MRC data type {mrc.data.dtype} (mode {int(mrc.header.mode)})")
-        shape = tuple(int(s) for s in mrc.data.shape)
-        if min(shape) < 2:
-            raise InputError(f"{path}: a tomogram must have at least 2 voxels on each axis, shape is {shape}")
-        vs = mrc.voxel_size
-        sizes = {float(vs.x), float(vs.y), float(vs.z)}
-        header_value = float(vs.x)
-        anisotropic = not np.allclose(list(sizes), header_value, rtol=1e-3)
-        if voxel_size_override is None and anisotropic:
-            raise InputError(f"{path}: anisotropic voxel size {vs} is not supported")
-        voxel = validated_voxel_size_angstrom(path, header_value, voxel_size_override)
-        origin = (float(mrc.header.origin.z), float(mrc.header.origin.y), float(mrc.header.origin.x))
-    return TomogramInfo(path=path, shape=shape, voxel_size_angstrom=voxel, origin_angstrom=origin)
+    layout = inspect_mrc(path)
+    vz, vy, vx = layout.header_voxel_size_angstrom
+    if voxel_size_override is None and not np.allclose([vz, vy], vx, rtol=1e-3):
+        raise InputError(f"{layout.path}: anisotropic voxel size (x {vx:g}, y {vy:g}, z {vz:g} Å) is not "
+                         "supported; resample it or set voxel_size_angstrom in the config")
+    voxel = validated_voxel_size_angstrom(layout.path, vx, voxel_size_override)
+    return TomogramInfo(path=layout.path, shape=layout.shape, voxel_size_angstrom=voxel,
+                        origin_angstrom=layout.origin_angstrom)
 
 
-def read_tomogram(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map the tomogram's voxels, (z, y, x). The file is opened read-only."""
+class MrcVolume:
+    """Read-only access to an MRC file's voxels that reads only the z-planes asked for.
+
+    Unlike a memory map, nothing stays resident after a read, so streaming a tomogram larger than
+    memory slab by slab keeps the process's memory at one slab. Index it like a (z, y, x) array;
+    the first index selects which planes are read from disk.
+    """
+
+    def __init__(self, layout: MrcLayout):
+        self.layout = layout
+        self.path = layout.path
+        self.shape = layout.shape
+        self.dtype = layout.dtype
+        self.ndim = 3
+
+    @property
+    def plane_bytes(self) -> int:
+        return self.shape[1] * self.shape[2] * self.dtype.itemsize
+
+    def planes(self, start: int, stop: int) -> np.ndarray:
+        """Planes [start, stop) as a native-endian array (a copy)."""
+        start, stop = max(0, int(start)), min(self.shape[0], int(stop))
+        count = max(0, stop - start) * self.shape[1] * self.shape[2]
+        with open(self.path, "rb") as handle:
+            handle.seek(self.layout.offset + start * self.plane_bytes)
+            data = np.fromfile(handle, dtype=self.dtype, count=count)
+        if data.size != count:
+            raise InputError(f"{self.path}: truncated while reading z planes {start}-{stop}")
+        data = data.reshape((max(0, stop - start), *self.shape[1:]))
+        return data.astype(self.dtype.newbyteorder("="), copy=False)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if not isinstance(index, tuple):
+            index = (index,)
+        first, rest = index[0], index[1:]
+        if isinstance(first, (int, np.integer)):
+            z = int(first) + (self.shape[0] if first < 0 else 0)
+            if not 0 <= z < self.shape[0]:
+                raise IndexError(f"plane {first} out of range for {self.shape[0]} planes")
+            return self.planes(z, z + 1)[0][rest]
+        if isinstance(first, slice):
+            start, stop, step = first.indices(self.shape[0])
+            if step < 0 or stop <= start:
+                return np.asarray(self.planes(0, self.shape[0])[first])[(slice(None), *rest)]
+            return self.planes(start, stop)[::step][(slice(None), *rest)]
+        return np.asarray(self.planes(0, self.shape[0]))[index]
+
+    def __array__(self, dtype=None, copy=None):
+        data = self.planes(0, self.shape[0])
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def open_mrc_volume(path: str | os.PathLike, what: str = "tomogram") -> MrcVolume:
+    """Validate ``path`` (:func:`inspect_mrc`) and return a plane-reading :class:`MrcVolume`."""
+    return MrcVolume(inspect_mrc(path, what))
+
+
+def read_tomogram(path: str | os.PathLike, what: str = "tomogram") -> np.ndarray:
+    """Memory-map the voxels, (z, y, x), read-only, after validating the file (:func:`inspect_mrc`).
+
+    A memory map suits random access (small boxes anywhere); to stream a whole volume with bounded
+    memory use :func:`open_mrc_volume`.
+    """
     import mrcfile
 
-    return mrcfile.mmap(Path(path), mode="r").data
+    layout = inspect_mrc(path, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mrcfile.mmap(layout.path, mode="r", permissive=True).data
+    except Exception as err:
+        raise InputError(f"{layout.path}: not a readable MRC file ({err})") from err
 
+
+# ------------------------------------------------------------------------------------------ writers
 
 def write_mrc(
     path: str | os.PathLike,

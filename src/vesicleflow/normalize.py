@@ -1,6 +1,8 @@
 """normalize: original tomogram -> model voxel size, anti-aliased, z-scored, chunked (zarr).
 
-Works slab by slab over z from a memory-mapped MRC, so peak memory is a few slabs, not the volume.
+Works slab by slab over z, reading only the input planes each slab needs (no memory map), so peak
+memory is a few slabs, not the volume: the number of output planes per slab shrinks as the input's
+planes grow, keeping the input block under :data:`BLOCK_BYTES`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import numpy as np
 from scipy import ndimage
 
 from vesicleflow.grid import GridMapping
-from vesicleflow.io import InputError, atomic_output, read_tomogram, read_tomogram_info
+from vesicleflow.io import InputError, atomic_output, open_mrc_volume, read_tomogram_info
 from vesicleflow.modelinfo import Preprocessing, load_model_info
 from vesicleflow.volumes import create_volume, open_volume, z_slabs
 
 log = logging.getLogger(__name__)
 
-#: Output planes computed per step; bounds peak memory to about (slab + halo) input planes.
+#: Most output planes computed per step.
 SLAB_PLANES = 32
+#: Budget for one step's input block (float32, planes + smoothing halo); peak memory is a few times this.
+BLOCK_BYTES = 32 * 2**20
 #: Samples used for the robust (median / MAD) statistics.
 STATISTICS_SAMPLES = 4_000_000
 
@@ -29,8 +33,28 @@ def antialias_sigma(zoom: float) -> float:
     return max(0.0, (1.0 / zoom - 1.0) / 2.0) if zoom < 1.0 else 0.0
 
 
+def slab_planes(mapping: GridMapping, sigma_in: float, budget_bytes: int | None = None) -> int:
+    """Output planes per step such that the float32 input block stays within ``budget_bytes``."""
+    budget_bytes = BLOCK_BYTES if budget_bytes is None else budget_bytes
+    plane_bytes = 4 * mapping.original_shape[1] * mapping.original_shape[2]
+    halo_in = 2 * (int(np.ceil(4 * sigma_in)) + 3)
+    input_planes = budget_bytes // plane_bytes - halo_in
+    return int(np.clip(np.floor(input_planes * mapping.zoom), 1, SLAB_PLANES))
+
+
+class _RawRange:
+    """Running min / max of the raw input, to tell a constant volume from a merely flat one."""
+
+    def __init__(self):
+        self.low, self.high = np.inf, -np.inf
+
+    def update(self, block: np.ndarray) -> None:
+        if block.size:
+            self.low, self.high = min(self.low, float(block.min())), max(self.high, float(block.max()))
+
+
 def _resample_slab(volume, mapping: GridMapping, out_start: int, out_stop: int, sigma_in: float,
-                   sigma_out: float) -> np.ndarray:
+                   sigma_out: float, raw_range: _RawRange | None = None) -> np.ndarray:
     """Resample output planes [out_start, out_stop) (plus the smoothing halo) from the input."""
     halo_out = int(np.ceil(4 * sigma_out)) if sigma_out > 0 else 0
     n_out = mapping.model_shape
@@ -40,8 +64,15 @@ def _resample_slab(volume, mapping: GridMapping, out_start: int, out_stop: int, 
     lo_in = max(0, int(np.floor(z_src.min())) - halo_in)
     hi_in = min(volume.shape[0], int(np.ceil(z_src.max())) + halo_in + 1)
     block = np.asarray(volume[lo_in:hi_in], dtype=np.float32)
-    if not np.isfinite(block).all():
-        raise InputError("NaN or Inf voxel values")
+    finite = np.isfinite(block)
+    if not finite.all():
+        bad = int(np.size(finite) - np.count_nonzero(finite))
+        first = lo_in + int(np.argwhere(~finite)[0][0])
+        raise InputError(f"{bad} NaN or Inf voxel value(s), the first in z plane {first}; replace them "
+                         "(e.g. by the mean) before running")
+    del finite
+    if raw_range is not None:
+        raw_range.update(block)
     if sigma_in > 0:
         block = ndimage.gaussian_filter(block, sigma_in, mode="nearest")
     coords = [z_src - lo_in] + [mapping.model_to_original(np.arange(n)) for n in n_out[1:]]
@@ -66,12 +97,19 @@ def _linear_resample_axis(block: np.ndarray, positions: np.ndarray, axis: int) -
     return np.take(block, low, axis=axis) * (1 - frac) + np.take(block, high, axis=axis) * frac
 
 
+def _model_planes(shape) -> int:
+    """Model-grid planes per pass over the written volume: whole zarr chunks (64) within the budget."""
+    plane_bytes = 8 * shape[1] * shape[2]  # float64 statistics
+    return int(np.clip(BLOCK_BYTES // plane_bytes, 1, 64))
+
+
 def _statistics(array, zscore: str) -> tuple[float, float]:
     """Centre and scale for the z-score, computed chunk-wise (exact mean/std, sampled median/MAD)."""
     n_z = array.shape[0]
+    planes = _model_planes(array.shape)
     if zscore == "mean_std":
         total, total_sq, count = 0.0, 0.0, 0
-        for start, stop in z_slabs(n_z, SLAB_PLANES):
+        for start, stop in z_slabs(n_z, planes):
             block = np.asarray(array[start:stop], dtype=np.float64)
             total += block.sum()
             total_sq += np.square(block).sum()
@@ -81,7 +119,7 @@ def _statistics(array, zscore: str) -> tuple[float, float]:
     else:
         step = max(1, int(np.ceil((np.prod(array.shape) / STATISTICS_SAMPLES) ** (1 / 3))))
         sample = np.concatenate([np.asarray(array[start:stop:step, ::step, ::step]).ravel()
-                                 for start, stop in z_slabs(n_z, SLAB_PLANES * step)])
+                                 for start, stop in z_slabs(n_z, planes * step)])
         centre = float(np.median(sample))
         scale = float(1.4826 * np.median(np.abs(sample - centre)))
         if scale <= 0:
@@ -113,20 +151,26 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
                           info.origin_angstrom)
     log.info("%s: %s voxels at %.2f Å -> %s at %.2f Å", info.path.name, info.shape,
              info.voxel_size_angstrom, mapping.model_shape, target_voxel_size_angstrom)
-    volume = read_tomogram(info.path)
+    volume = open_mrc_volume(info.path)
     sigma_in = antialias_sigma(mapping.zoom)
+    planes = slab_planes(mapping, sigma_in)
+    raw_range = _RawRange()
     with atomic_output(output) as tmp:
         array = create_volume(tmp, mapping.model_shape, "float32")
         try:
-            for start, stop in z_slabs(mapping.model_shape[0], SLAB_PLANES):
+            for start, stop in z_slabs(mapping.model_shape[0], planes):
                 array[start:stop] = _resample_slab(volume, mapping, start, stop, sigma_in,
-                                                   prep.gaussian_sigma_voxels)
+                                                   prep.gaussian_sigma_voxels, raw_range)
         except InputError as err:
             raise InputError(f"{info.path}: {err}") from None
+        if raw_range.low == raw_range.high:
+            raise InputError(f"{info.path}: the volume is constant (every voxel is {raw_range.low:g}, standard "
+                             "deviation 0); is it an empty or placeholder file?")
         centre, scale = _statistics(array, prep.zscore)
-        if not scale > 0:
-            raise InputError(f"{info.path}: the volume is constant (standard deviation 0)")
-        for start, stop in z_slabs(mapping.model_shape[0], SLAB_PLANES):
+        if not scale > 1e-6 * max(1.0, abs(centre)):
+            raise InputError(f"{info.path}: the volume is nearly constant (standard deviation {scale:g} around "
+                             f"{centre:g}); nothing to detect")
+        for start, stop in z_slabs(mapping.model_shape[0], _model_planes(mapping.model_shape)):
             array[start:stop] = (np.asarray(array[start:stop]) - centre) / scale
         array.attrs.update({"grid": mapping.to_attrs(), "zscore_centre": centre, "zscore_scale": scale,
                             "zscore": prep.zscore, "source": str(info.path)})

@@ -3,11 +3,20 @@
 Threshold, restrict to the cytoplasm mask, split touching vesicles by a watershed on the distance
 transform (a filled ball has one distance maximum at its centre), and drop objects whose
 inscribed radius is outside the configured range. All sizes are in nm.
+
+Works in overlapping blocks, so memory stays bounded whatever the volume's size: each block is
+processed with a halo wider than the largest accepted vesicle's diameter plus the peak spacing,
+and keeps exactly the objects whose inscribed-ball centre (distance-transform peak) falls in the
+block's core. Any object that can be accepted lies, with every voxel its distance transform and
+watershed depend on, inside that haloed block, so the result equals processing the whole volume
+at once (a test checks this). Labels are numbered 1..N in (z, y, x) order of those centres,
+whatever the blocking.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,36 +25,48 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from vesicleflow.grid import GridMapping, nearest_source_indices
-from vesicleflow.io import InputError, atomic_output, read_tomogram
-from vesicleflow.volumes import create_volume, open_volume
+from vesicleflow.io import InputError, atomic_output, open_mrc_volume, scratch_dir
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, z_slabs
 
 log = logging.getLogger(__name__)
 
+#: Most voxels in one haloed block; segmentation needs about 60 bytes per voxel at its peak.
+BLOCK_VOXELS = 12 * 2**20
 
-def mask_on_model_grid(mask_path: str | Path, mapping: GridMapping) -> np.ndarray:
-    """Nearest-neighbour resampling of an original-grid mask onto the model grid (bool)."""
-    mask = read_tomogram(mask_path)
-    if tuple(mask.shape) != tuple(mapping.original_shape):
-        raise InputError(f"{mask_path}: mask shape {tuple(mask.shape)} differs from the tomogram's "
-                         f"{tuple(mapping.original_shape)}")
-    iz, iy, ix = nearest_source_indices(mapping.model_shape, mapping.original_shape, mapping.model_to_original)
-    return np.stack([np.asarray(mask[z])[np.ix_(iy, ix)] != 0 for z in iz])
+
+def _min_distance_voxels(voxel_size_nm: float, min_radius_nm: float, min_separation_nm: float | None) -> int:
+    separation_nm = min_separation_nm if min_separation_nm is not None else min_radius_nm
+    return max(1, round(separation_nm / voxel_size_nm))
+
+
+def segment_block(foreground: np.ndarray, voxel_size_nm: float, min_radius_nm: float,
+                  min_separation_nm: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Watershed split of a binary block: (labels 1..n, peaks (n, 3) in (z, y, x) order, inscribed radii nm).
+
+    Label i + 1 grows from ``peaks[i]``; ``inscribed[i]`` is its largest distance to background.
+    """
+    distance_nm = ndimage.distance_transform_edt(foreground, sampling=voxel_size_nm).astype(np.float32)
+    components, _ = ndimage.label(foreground)
+    peaks = peak_local_max(distance_nm, min_distance=_min_distance_voxels(voxel_size_nm, min_radius_nm,
+                                                                          min_separation_nm),
+                           threshold_abs=0.5 * min_radius_nm, labels=components, exclude_border=False)
+    del components
+    peaks = peaks.reshape(-1, foreground.ndim)
+    peaks = peaks[np.lexsort(peaks.T[::-1])] if len(peaks) else peaks
+    markers = np.zeros(foreground.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-distance_nm, markers, mask=foreground)
+    del markers
+    inscribed = np.asarray(ndimage.maximum(distance_nm, labels, index=np.arange(1, len(peaks) + 1)),
+                           dtype=np.float64).reshape(-1)
+    return labels, peaks, inscribed
 
 
 def separate_instances(foreground: np.ndarray, voxel_size_nm: float, min_radius_nm: float,
                        max_radius_nm: float, min_separation_nm: float | None = None) -> np.ndarray:
-    """Label touching balls separately and drop those whose inscribed radius is out of range."""
-    distance_nm = ndimage.distance_transform_edt(foreground, sampling=voxel_size_nm).astype(np.float32)
-    separation_nm = min_separation_nm if min_separation_nm is not None else min_radius_nm
-    min_distance = max(1, round(separation_nm / voxel_size_nm))
-    components, _ = ndimage.label(foreground)
-    peaks = peak_local_max(distance_nm, min_distance=min_distance, threshold_abs=0.5 * min_radius_nm,
-                           labels=components, exclude_border=False)
-    markers = np.zeros(foreground.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-distance_nm, markers, mask=foreground)
-    inscribed = ndimage.maximum(distance_nm, labels, index=np.arange(1, len(peaks) + 1))
-    keep = (np.asarray(inscribed) >= min_radius_nm) & (np.asarray(inscribed) <= max_radius_nm)
+    """Label touching balls separately and drop those whose inscribed radius is out of range (in memory)."""
+    labels, peaks, inscribed = segment_block(foreground, voxel_size_nm, min_radius_nm, min_separation_nm)
+    keep = (inscribed >= min_radius_nm) & (inscribed <= max_radius_nm)
     relabel = np.zeros(len(peaks) + 1, np.uint32)
     relabel[1:][keep] = np.arange(1, int(keep.sum()) + 1)
     log.info("%d candidate maxima, %d within %.1f-%.1f nm", len(peaks), int(keep.sum()),
@@ -53,24 +74,131 @@ def separate_instances(foreground: np.ndarray, voxel_size_nm: float, min_radius_
     return relabel[labels]
 
 
+def halo_voxels(voxel_size_nm: float, min_radius_nm: float, max_radius_nm: float,
+                min_separation_nm: float | None = None) -> int:
+    """Halo that makes blocked segmentation exact for every object it can accept.
+
+    An accepted object's voxels lie within ``max_radius`` of its peak, and each voxel's nearest
+    background within ``max_radius`` of it; peak spacing reaches ``min_distance`` further.
+    """
+    return (math.ceil(2 * max_radius_nm / voxel_size_nm)
+            + _min_distance_voxels(voxel_size_nm, min_radius_nm, min_separation_nm) + 2)
+
+
+def block_cores(shape, halo: int, budget_voxels: int = BLOCK_VOXELS) -> tuple[int, ...]:
+    """Core size per axis: halve the largest core until the haloed block fits ``budget_voxels``."""
+    core = [int(n) for n in shape]
+    while True:
+        extended = [min(c + 2 * halo, n) for c, n in zip(core, shape)]
+        if math.prod(extended) <= budget_voxels or max(core) <= 8:
+            return tuple(core)
+        axis = int(np.argmax(core))
+        core[axis] = max(8, math.ceil(core[axis] / 2))
+
+
+def iter_blocks(shape, core, halo: int):
+    """Yield (core box, haloed box) pairs as tuples of slices; the cores tile the volume."""
+    starts = [range(0, n, c) for n, c in zip(shape, core)]
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                origin = (z, y, x)
+                inner = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, core, shape))
+                outer = tuple(slice(max(0, s.start - halo), min(n, s.stop + halo)) for s, n in zip(inner, shape))
+                yield inner, outer
+
+
+def _planes_per_pass(shape, bytes_per_voxel: int, budget_bytes: int = 64 * 2**20) -> int:
+    """Planes per streaming pass: whole zarr chunks (64) unless planes are so large that fewer fit."""
+    return int(np.clip(budget_bytes // (bytes_per_voxel * shape[1] * shape[2]), 1, DEFAULT_CHUNKS[0]))
+
+
+def _check_mask(mask_path: str | Path, mapping: GridMapping):
+    mask = open_mrc_volume(mask_path, what="mask")
+    if tuple(mask.shape) != tuple(mapping.original_shape):
+        raise InputError(f"{mask_path}: mask shape {tuple(mask.shape)} (z, y, x) differs from the tomogram's "
+                         f"{tuple(mapping.original_shape)}; a mask must match its tomogram voxel for voxel")
+    return mask
+
+
+def _mask_planes(mask, mapping: GridMapping, start: int, stop: int) -> np.ndarray:
+    """Model-grid mask planes [start, stop) by nearest-neighbour sampling of the original-grid mask."""
+    iz, iy, ix = nearest_source_indices(mapping.model_shape, mapping.original_shape, mapping.model_to_original)
+    out = np.zeros((stop - start, len(iy), len(ix)), bool)
+    cached_z, plane = None, None
+    for k, z in enumerate(iz[start:stop]):
+        if z != cached_z:
+            cached_z, plane = z, mask[int(z)]
+        out[k] = plane[np.ix_(iy, ix)] != 0
+    return out
+
+
+def mask_on_model_grid(mask_path: str | Path, mapping: GridMapping) -> np.ndarray:
+    """Nearest-neighbour resampling of an original-grid mask onto the model grid (bool, in memory)."""
+    mask = _check_mask(mask_path, mapping)
+    return _mask_planes(mask, mapping, 0, mapping.model_shape[0])
+
+
 def postprocess_probability(probability: str | Path, output: str | Path, threshold: float = 0.5,
                             mask: str | Path | None = None, min_radius_nm: float = 8.0,
-                            max_radius_nm: float = 60.0, min_separation_nm: float | None = None) -> int:
+                            max_radius_nm: float = 60.0, min_separation_nm: float | None = None,
+                            block_voxels: int = BLOCK_VOXELS) -> int:
     """Write instance labels (zarr, model grid); returns the number of candidates."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+    if not 0.0 < min_radius_nm < max_radius_nm:
+        raise ValueError(f"need 0 < min_radius_nm < max_radius_nm, got {min_radius_nm} and {max_radius_nm}")
     source = open_volume(probability)
     attrs = dict(source.attrs)
     mapping = GridMapping.from_attrs(attrs["grid"])
     voxel_nm = mapping.model_voxel_size_angstrom / 10.0
-    foreground = np.asarray(source[...]) > threshold
-    if mask:
-        foreground &= mask_on_model_grid(mask, mapping)
-    labels = separate_instances(foreground, voxel_nm, min_radius_nm, max_radius_nm, min_separation_nm)
-    count = int(labels.max())
-    dtype = "uint16" if count < 2**16 else "uint32"
-    with atomic_output(output) as tmp:
-        target = create_volume(tmp, labels.shape, dtype, attrs={**attrs, "count": count,
-                                                                   "mask": str(mask) if mask else None})
-        target[...] = labels.astype(dtype)
+    shape = tuple(source.shape)
+    mask_volume = _check_mask(mask, mapping) if mask else None
+    halo = halo_voxels(voxel_nm, min_radius_nm, max_radius_nm, min_separation_nm)
+    core = block_cores(shape, halo, block_voxels)
+    with scratch_dir(output) as scratch:
+        model_mask = None
+        if mask_volume is not None:
+            model_mask = create_volume(scratch / "mask.zarr", shape, "bool")
+            for z0, z1 in z_slabs(shape[0], _planes_per_pass(shape, 1)):
+                model_mask[z0:z1] = _mask_planes(mask_volume, mapping, z0, z1)
+        work = create_volume(scratch / "labels.zarr", shape, "uint32")
+        centres, n_blocks, n_maxima = [], 0, 0
+        for inner, outer in iter_blocks(shape, core, halo):
+            n_blocks += 1
+            foreground = np.asarray(source[outer]) > threshold
+            if model_mask is not None:
+                foreground &= np.asarray(model_mask[outer])
+            if not foreground.any():
+                continue
+            labels, peaks, inscribed = segment_block(foreground, voxel_nm, min_radius_nm, min_separation_nm)
+            del foreground
+            global_peaks = peaks + np.array([s.start for s in outer])
+            in_core = np.all([(global_peaks[:, a] >= inner[a].start) & (global_peaks[:, a] < inner[a].stop)
+                              for a in range(3)], axis=0) if len(peaks) else np.zeros(0, bool)
+            n_maxima += int(in_core.sum())
+            keep = in_core & (inscribed >= min_radius_nm) & (inscribed <= max_radius_nm)
+            if not keep.any():
+                continue
+            lut = np.zeros(len(peaks) + 1, np.uint32)
+            lut[1:][keep] = np.arange(len(centres) + 1, len(centres) + int(keep.sum()) + 1)
+            centres.extend(map(tuple, global_peaks[keep]))
+            new = lut[labels]
+            del labels
+            region = np.asarray(work[outer])
+            free = (region == 0) & (new > 0)
+            region[free] = new[free]
+            work[outer] = region
+        count = len(centres)
+        order = np.lexsort(np.array(centres, dtype=np.int64).reshape(-1, 3).T[::-1])
+        renumber = np.zeros(count + 1, np.uint32)
+        renumber[order + 1] = np.arange(1, count + 1)
+        dtype = "uint16" if count < 2**16 else "uint32"
+        with atomic_output(output) as tmp:
+            target = create_volume(tmp, shape, dtype, attrs={**attrs, "count": count,
+                                                             "mask": str(mask) if mask else None})
+            for z0, z1 in z_slabs(shape[0], _planes_per_pass(shape, 8)):
+                target[z0:z1] = renumber[np.asarray(work[z0:z1])].astype(dtype)
+    log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels)",
+             n_maxima, count, min_radius_nm, max_radius_nm, n_blocks, core, halo)
     return count

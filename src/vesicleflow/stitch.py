@@ -1,6 +1,8 @@
 """stitch: probability map = sum over shards of sum(w*p) / sum over shards of sum(w).
 
-Kept on disk (zarr, model grid): it is the cache that post-processing re-runs from.
+Kept on disk (zarr, model grid): it is the cache that post-processing re-runs from. Works block by
+block (whole zarr chunks along z, bands of rows along y), so peak memory is a few blocks whatever
+the volume's size.
 """
 
 from __future__ import annotations
@@ -11,15 +13,28 @@ from pathlib import Path
 import numpy as np
 
 from vesicleflow.io import atomic_output
-from vesicleflow.volumes import create_volume, open_volume, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, z_slabs
 
 log = logging.getLogger(__name__)
 
-SLAB_PLANES = 64
+SLAB_PLANES = DEFAULT_CHUNKS[0]
+#: Most bytes of one float32 block (numerator and denominator each hold one).
+BLOCK_BYTES = 32 * 2**20
+
+
+def blocks(shape, block_bytes: int = BLOCK_BYTES):
+    """Yield (z0, z1, y0, y1): z slabs of whole chunks, split into row bands that fit ``block_bytes``."""
+    row_bytes = 4 * shape[2]
+    chunk_y = DEFAULT_CHUNKS[1]
+    rows = max(1, block_bytes // (row_bytes * min(SLAB_PLANES, shape[0])))
+    rows = shape[1] if rows >= shape[1] else max(chunk_y, rows // chunk_y * chunk_y)
+    for z0, z1 in z_slabs(shape[0], SLAB_PLANES):
+        for y0, y1 in z_slabs(shape[1], rows):
+            yield z0, z1, y0, y1
 
 
 def stitch_shards(shards: list[str | Path], normalized: str | Path, output: str | Path) -> Path:
-    """Combine the shards' accumulations into one probability map, slab by slab."""
+    """Combine the shards' accumulations into one probability map, block by block."""
     reference = open_volume(normalized)
     shape = reference.shape
     parts = []
@@ -32,19 +47,22 @@ def stitch_shards(shards: list[str | Path], normalized: str | Path, output: str 
         parts.append((weighted, weight, start, stop))
     with atomic_output(output) as tmp:
         probability = create_volume(tmp, shape, "float32", attrs=dict(reference.attrs))
-        for z0, z1 in z_slabs(shape[0], SLAB_PLANES):
-            numerator = np.zeros((z1 - z0, *shape[1:]), np.float32)
+        for z0, z1, y0, y1 in blocks(shape):
+            numerator = np.zeros((z1 - z0, y1 - y0, shape[2]), np.float32)
             denominator = np.zeros_like(numerator)
             for weighted, weight, start, stop in parts:
-                lo, hi = max(z0, start[0]), min(z1, stop[0])
-                if lo >= hi:
+                lo = (max(z0, start[0]), max(y0, start[1]))
+                hi = (min(z1, stop[0]), min(y1, stop[1]))
+                if lo[0] >= hi[0] or lo[1] >= hi[1]:
                     continue
-                target = (slice(lo - z0, hi - z0), slice(start[1], stop[1]), slice(start[2], stop[2]))
-                source = slice(lo - start[0], hi - start[0])
+                target = (slice(lo[0] - z0, hi[0] - z0), slice(lo[1] - y0, hi[1] - y0), slice(start[2], stop[2]))
+                source = (slice(lo[0] - start[0], hi[0] - start[0]), slice(lo[1] - start[1], hi[1] - start[1]))
                 numerator[target] += np.asarray(weighted[source])
                 denominator[target] += np.asarray(weight[source])
             if not (denominator > 0).all():
-                raise ValueError(f"slab {z0}-{z1}: some voxels were covered by no window; shards missing?")
-            probability[z0:z1] = numerator / denominator
+                raise ValueError(f"block z {z0}-{z1}, y {y0}-{y1}: some voxels were covered by no window; "
+                                 "shards missing?")
+            np.divide(numerator, denominator, out=numerator)
+            probability[z0:z1, y0:y1] = numerator
     log.info("stitched %d shard(s) into %s", len(parts), output)
     return Path(output)

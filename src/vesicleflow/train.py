@@ -208,6 +208,9 @@ def train_model(data_dirs: list[Path], output: Path, init: str | Path | None = N
                         "seconds": time.perf_counter() - began})
         log.info("epoch %d/%d: loss %.4f, val Dice %.3f, val F1 %.3f", epoch, epochs,
                  history[-1]["train_loss"], scores["val_dice"], scores["val_f1"])
+        table = pd.DataFrame(history)
+        write_table(Path(output) / "training_log.csv", table)
+        plot_training_log(table, Path(output) / "training_curve.png")
         if scores["val_dice"] > best:
             best = scores["val_dice"]
             info.training = {"epochs": epoch, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
@@ -215,7 +218,4 @@ def train_model(data_dirs: list[Path], output: Path, init: str | Path | None = N
                              "tomograms": len(examples), "validation_dice": round(best, 4),
                              "init": str(init) if init else None}
             save_model(net, info, output)
-    table = pd.DataFrame(history)
-    write_table(Path(output) / "training_log.csv", table)
-    plot_training_log(table, Path(output) / "training_curve.png")
     return Path(output)

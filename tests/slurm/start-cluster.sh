@@ -38,8 +38,11 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 
 say() { printf '[start-cluster] %s\n' "$*"; }
 die() { printf '[start-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
+# exit status 3: SLURM could not be installed (tests/test_slurm.py skips on it, unless
+# VF_REQUIRE_SLURM=1); any other failure is 1
+die_install() { printf '[start-cluster] ERROR: %s\n' "$*" >&2; exit 3; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and starts daemons)"
+[ "$(id -u)" -eq 0 ] || die_install "must run as root (it installs packages and starts daemons)"
 
 if [ "$CONF_DIR" != /etc/slurm ]; then
     export SLURM_CONF=$CONF
@@ -51,15 +54,15 @@ for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "packages missing (${missing[*]}) and no apt-get"
+    command -v apt-get >/dev/null || die_install "packages missing (${missing[*]}) and no apt-get"
     export DEBIAN_FRONTEND=noninteractive
     say "installing ${missing[*]}"
     # apt-get update only when the package lists do not know the packages yet
     if ! apt-cache show "${missing[@]}" >/dev/null 2>&1; then
-        apt-get update -qq || die "apt-get update failed"
+        apt-get update -qq || die_install "apt-get update failed"
     fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || die "apt-get install ${missing[*]} failed"
+        || die_install "apt-get install ${missing[*]} failed"
     # On a machine booted with systemd the packages' units may have been started
     # (and will fail without a config). They would fight over the ports with ours.
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
@@ -67,7 +70,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 for b in slurmctld slurmd sinfo scontrol munged munge unmunge; do
-    command -v "$b" >/dev/null || [ -x "/usr/sbin/$b" ] || die "$b not found after install"
+    command -v "$b" >/dev/null || [ -x "/usr/sbin/$b" ] || die_install "$b not found after install"
 done
 export PATH=$PATH:/usr/sbin:/sbin
 

@@ -1,8 +1,13 @@
 # Helpers shared by all rules: config validation, input discovery, path and resource functions.
+import functools
+import json
+import math
 import os
 import shlex
+import struct
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -27,25 +32,50 @@ wildcard_constraints:
     shard=r"\d+",
 
 
+def check_output_outside_input(input_dir, output_dir):
+    """Nothing is ever written into input_dir: refuse an output_dir inside it."""
+    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if out == inp or inp in out.parents:
+        raise WorkflowError(
+            f"output_dir {output_dir!r} is inside input_dir {input_dir!r}; nothing may be written "
+            "into the input folder (and results there would be taken for datasets): choose another output_dir"
+        )
+
+
 def discover_tomograms(input_dir, patterns, mask_suffix):
-    """{(dataset, tomogram): path} for every tomogram in input_dir/<dataset>/."""
+    """{(dataset, tomogram): path} for every tomogram in input_dir/<dataset>/.
+
+    Hidden files (``.name``, e.g. macOS ``._tomo.mrc``) and masks are not tomograms. A dataset
+    folder without tomograms is reported and skipped. Two tomograms with the same stem in one
+    dataset (``a.mrc`` and ``a.rec``) stop the run before any job starts: both would write to
+    ``<output_dir>/<dataset>/a/``, and which one the user means cannot be guessed.
+    """
     found = {}
     root = Path(input_dir)
     if not root.is_dir():
         return found
-    for dataset_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for dataset_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        before = len(found)
         for pattern in patterns:
             for path in sorted(dataset_dir.glob(pattern)):
-                if path.stem.endswith(mask_suffix) or not path.is_file():
+                if path.name.startswith(".") or path.stem.endswith(mask_suffix) or not path.is_file():
                     continue
                 key = (dataset_dir.name, path.stem)
                 if key in found:
                     raise WorkflowError(
-                        f"{path}: two tomograms named {path.stem!r} in dataset "
-                        f"{dataset_dir.name!r} ({found[key].name} and {path.name}); rename one"
+                        f"{path}: two tomograms named {path.stem!r} in dataset {dataset_dir.name!r} "
+                        f"({found[key].name} and {path.name}) would share one results folder; rename "
+                        "or move one, or narrow tomogram_patterns (e.g. ['*.rec'])"
                     )
                 found[key] = path
+        if len(found) == before:
+            logger.warning(
+                f"{dataset_dir}: no tomograms ({', '.join(patterns)}) in this dataset folder; skipped"
+            )
     return found
+
+
+check_output_outside_input(config["input_dir"], config["output_dir"])
 
 
 TOMOGRAMS = discover_tomograms(
@@ -91,10 +121,101 @@ def tomogram_mb(wildcards):
 
 
 def memory_mb(base_mb, per_tomogram_mb):
-    """mem_mb as a function of the input tomogram's size, growing with each retry."""
+    """mem_mb as a function of the input tomogram's file size, growing with each retry."""
 
     def mem_mb(wildcards, attempt):
         return int((base_mb + per_tomogram_mb * tomogram_mb(wildcards)) * attempt)
+
+    return mem_mb
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibrated memory per stage (tests/test_memory.py measures every stage's peak RSS against these).
+# Every stage works in bounded blocks, so memory depends on the size of a tomogram's planes and on
+# the model grid (the tomogram rescaled to the model's voxel size), not simply on its file size.
+# The constants include ~250 MB for Python, numpy, scipy, zarr and torch (the CLI imports torch).
+
+#: Bytes per voxel of the MRC modes vesicleflow reads.
+MRC_ITEMSIZE = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+MB = 2**20
+
+
+def _model_voxel_size_angstrom():
+    try:
+        return float(json.loads(Path(MODEL_DIR, "model.json").read_text())["voxel_size_angstrom"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 20.0
+
+
+MODEL_VOXEL_ANGSTROM = _model_voxel_size_angstrom()
+
+
+@functools.lru_cache(maxsize=None)
+def mrc_header_geometry(path):
+    """((nz, ny, nx), voxel size Å) from an MRC header, or None if unreadable (its job fails with a message)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1024)
+        for order in "<>":
+            nx, ny, nz, mode = struct.unpack(order + "4i", head[:16])
+            mx = struct.unpack(order + "i", head[28:32])[0]
+            xlen = struct.unpack(order + "f", head[40:44])[0]
+            if all(0 < n < 2**24 for n in (nx, ny, nz)) and mode in MRC_ITEMSIZE:
+                voxel = xlen / mx if mx > 0 and math.isfinite(xlen) else 0.0
+                return (nz, ny, nx), voxel
+    except (OSError, struct.error):
+        pass
+    return None
+
+
+def tomogram_geometry(wildcards):
+    """(original shape, model-grid shape) of a job's tomogram; (1, 1, 1) twice if unreadable."""
+    geometry = mrc_header_geometry(str(TOMOGRAMS[(wildcards.dataset, wildcards.tomo)]))
+    if geometry is None:
+        return (1, 1, 1), (1, 1, 1)
+    shape, header_voxel = geometry
+    voxel = dataset_setting(wildcards.dataset, "voxel_size_angstrom") or header_voxel
+    if not 3.0 <= voxel <= 100.0:
+        voxel = MODEL_VOXEL_ANGSTROM  # the job will refuse the voxel size; any estimate will do
+    zoom = voxel / MODEL_VOXEL_ANGSTROM
+    return shape, tuple(max(1, round(n * zoom)) for n in shape)
+
+
+def _stage_mb(stage, shape, model_shape):
+    """Peak memory (MB) of one stage, calibrated on measurements (see tests/test_memory.py)."""
+    plane_mb = 4 * shape[1] * shape[2] / MB  # one original plane as float32
+    model_mb = 4 * math.prod(model_shape) / MB  # the model grid as float32
+    model_plane_mb = 4 * model_shape[1] * model_shape[2] / MB
+    zoom = model_shape[1] / shape[1]
+    if stage == "normalize":  # slabs of input planes: >= 32 MB, or (1/zoom + smoothing halo) planes
+        block_mb = max(32.0, (1 / zoom + 12) * plane_mb)
+        return 450 + 6 * block_mb + 3 * 64 * model_plane_mb
+    if stage == "tile":
+        return 500
+    if stage == "infer":  # model and batch activations + sum(w*p), sum(w) over the shard's box
+        inference = config["inference"]
+        window = inference["window"] or 64
+        activations = 400 * (window / 64) ** 3 * max(inference["batch_size"], 1) / 4
+        return 600 + activations + 2.2 * model_mb
+    if stage == "stitch":  # numerator + denominator + shard reads, 32 MB row bands of 64 planes
+        block_mb = max(32.0, 64 * 64 * 4 * model_shape[2] / MB)
+        return 450 + 5 * block_mb
+    if stage == "postprocess":  # one haloed block (<= 12 Mi voxels) at ~60 bytes per voxel
+        post = config["postprocess"]
+        halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
+        block_voxels = min(math.prod(model_shape), max(12 * MB, (8 + 2 * halo) ** 3))
+        return 450 + 64 * block_voxels / MB + 2 * 64 * model_plane_mb
+    if stage == "spherefit":  # the model-grid labels in memory + the tomogram's memory map
+        return 500 + 1.1 * 4 * math.prod(shape) / MB + 2.5 * model_mb
+    raise ValueError(f"no memory model for stage {stage!r}")
+
+
+def stage_memory_mb(stage):
+    """mem_mb of one stage's job from its tomogram's header, growing with each retry."""
+
+    def mem_mb(wildcards, attempt):
+        shape, model_shape = tomogram_geometry(wildcards)
+        return int(math.ceil(_stage_mb(stage, shape, model_shape) * attempt))
 
     return mem_mb
 

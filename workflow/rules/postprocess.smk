@@ -42,6 +42,7 @@ rule spherefit:
         min_contrast=config["spherefit"]["min_contrast"],
         min_fit_score=config["spherefit"]["min_fit_score"],
         overlap_tolerance=config["spherefit"]["overlap_tolerance_nm"],
+        bilayer=config["spherefit"]["bilayer_thickness_nm"] or 0,
     log:
         f"{OUT}/logs/spherefit/{{dataset}}/{{tomo}}.log",
     benchmark:
@@ -55,4 +56,4 @@ rule spherefit:
         "vesicleflow spherefit {input.labels:q} {input.tomogram:q} {output:q} {params.voxel_size} "
         "--min-radius-nm {params.min_radius} --max-radius-nm {params.max_radius} "
         "--min-contrast {params.min_contrast} --min-fit-score {params.min_fit_score} "
-        "--overlap-tolerance-nm {params.overlap_tolerance} 2> {log:q}"
+        "--overlap-tolerance-nm {params.overlap_tolerance} --bilayer-thickness-nm {params.bilayer} 2> {log:q}"
