@@ -43,8 +43,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-#: Config of every robustness Snakemake run, beyond input_dir and output_dir (the defaults).
-ROBUST_CONFIG: list[str] = []
 
 
 def cli_env() -> dict:
@@ -76,6 +74,16 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
         snapshot[str(path.relative_to(root))] = (stat.st_size if path.is_file() else 0, stat.st_mtime_ns, digest)
     return snapshot
+
+
+@pytest.fixture(scope="session")
+def model_copy(tmp_path_factory) -> Path:
+    """A private copy of the bundled model: runs compared with each other must not see it retrained."""
+    from vesicleflow.modelinfo import BUNDLED_MODEL_DIR
+
+    target = tmp_path_factory.mktemp("model") / "default"
+    shutil.copytree(BUNDLED_MODEL_DIR, target)
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -257,7 +257,7 @@ def demo_runs(slurm_cluster, tmp_path_factory) -> DemoRuns:
             ),
             base / f"{name}.log",
         )
-    canceller = Canceller(base / "slurm.log", prefix="rule_infer_", after=2.0)
+    canceller = Canceller(base / "slurm.log", prefix="rule_infer_", after=1.0)
     canceller.start()
     try:
         for name in ("local", "slurm"):
@@ -320,6 +320,8 @@ def test_demo_recovers_from_a_cancelled_slurm_job(demo_runs):
 
 
 def test_demo_slurm_results_equal_local_results(demo_runs):
+    """The same vesicles, whether the stages ran as SLURM jobs (with a retried infer) or
+    on this machine."""
     import pandas as pd
     from pandas.testing import assert_frame_equal
 
@@ -328,5 +330,4 @@ def test_demo_slurm_results_equal_local_results(demo_runs):
     for rel in tables:
         local = pd.read_csv(demo_runs.local / rel)
         slurm = pd.read_csv(demo_runs.slurm / rel)
-        assert len(local) > 0, rel
         assert_frame_equal(slurm, local, obj=str(rel))

@@ -135,7 +135,7 @@ def test_synthetic_shell_fitted_within_half_a_voxel(noise):
     assert fit is not None
     assert np.linalg.norm(np.array([fit.z, fit.y, fit.x]) - true_centre) < 0.5
     assert abs(fit.membrane_radius_nm - membrane_radius) < 0.5
-    assert fit.radius_nm == pytest.approx(fit.membrane_radius_nm + fit.membrane_thickness_nm / 2)
+    assert fit.radius_nm == pytest.approx(fit.membrane_radius_nm + 4.5 / 2)  # default bilayer thickness
     assert 2.5 < fit.membrane_thickness_nm < 5.0
     assert fit.fit_score > 0.8
 

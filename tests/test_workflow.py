@@ -92,9 +92,11 @@ def test_summary_counts_every_tomogram(completed_run):
 
 def test_changing_a_postprocess_parameter_reruns_only_downstream_stages(completed_run):
     root, config = completed_run
-    changed = [*config, "postprocess={threshold: 0.6, min_radius_nm: 8.0, max_radius_nm: 60.0, "
-                        "min_separation_nm: null}"]
-    result = run_snakemake("--profile", "profiles/local", "--dry-run", "--config", *changed)
+    changed = root / "changed.yaml"
+    changed.write_text("postprocess: {threshold: 0.6, min_radius_nm: 8.0, max_radius_nm: 60.0, "
+                       "min_separation_nm: null}\n")
+    result = run_snakemake("--profile", "profiles/local", "--dry-run", "--configfile", "config/config.yaml",
+                           str(changed), "--config", *config)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout + result.stderr)
     n = len(TOMOGRAMS)
@@ -103,6 +105,8 @@ def test_changing_a_postprocess_parameter_reruns_only_downstream_stages(complete
 
 def test_a_wrong_config_key_is_named(completed_run):
     root, config = completed_run
-    result = run_snakemake("--dry-run", "--config", *config, "postprocess={treshold: 0.6}")
+    wrong = root / "wrong.yaml"
+    wrong.write_text("postprocess: {treshold: 0.6}\n")
+    result = run_snakemake("--dry-run", "--configfile", "config/config.yaml", str(wrong), "--config", *config)
     assert result.returncode != 0
     assert "treshold" in result.stderr

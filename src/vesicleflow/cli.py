@@ -215,3 +215,22 @@ def import_model(kind: Annotated[str, typer.Argument(help="Model family; support
     from vesicleflow.cryovesnet import import_cryovesnet
 
     typer.echo(str(import_cryovesnet(source, output)))
+
+
+@app.command()
+def bench(out: Annotated[Path, typer.Option(help="Folder for the tomograms (reused), bench.json and bench.txt.")] = Path("bench/perf"),
+          shape: Annotated[list[str] | None, typer.Option(
+              help="Tomogram size Z x Y x X (repeat); default: 128x256x256, 200x512x512, 300x1024x1024.")] = None,
+          voxel_size_angstrom: Annotated[float, typer.Option(help="Voxel size of the benchmark tomograms (Å).")] = 15.0,
+          threads: Annotated[int, typer.Option(help="CPU threads of the infer stage (the rule's).")] = 2,
+          batch_size: int = 4, overlap: float = 0.25, device: str = "auto",
+          dryrun_tomograms: Annotated[int, typer.Option(
+              help="Time `snakemake -n` over this many tiny tomograms; 0 = skip.")] = 1000,
+          keep: Annotated[bool, typer.Option(help="Keep every stage's outputs under OUT/runs.")] = False) -> None:
+    """Time every stage on tomograms of growing size; print the table, write OUT/bench.json."""
+    from vesicleflow.bench import DEFAULT_SHAPES, format_report, parse_shape, run_benchmark
+
+    shapes = [parse_shape(s) for s in shape] if shape else DEFAULT_SHAPES
+    report = run_benchmark(out, shapes, voxel_size_angstrom, threads, batch_size, overlap, device,
+                           dryrun_tomograms, keep)
+    typer.echo(format_report(report) + f"written: {out / 'bench.json'}, {out / 'bench.txt'}")

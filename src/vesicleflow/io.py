@@ -89,7 +89,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     except OSError:
         return
     for stale in siblings:
-        match = re.match(r"(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}", stale.name[len(prefix):])
+        match = re.match(r"(?:scratch-)?(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}", stale.name[len(prefix):])
         if not match or match["host"] != _HOST or _process_alive(int(match["pid"])):
             continue
         log.info("removing %s, left behind by a killed job", stale)
@@ -153,6 +153,7 @@ def scratch_dir(output: str | os.PathLike):
     """A private scratch folder beside ``output``, deleted on exit (and, if killed, with the next write)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
     scratch = _temporary_sibling(output, "scratch-")
     scratch.mkdir()
     try:
@@ -360,7 +361,7 @@ def write_table(path: str | os.PathLike, table) -> None:
         if Path(path).suffix == ".parquet":
             table.to_parquet(tmp, index=False)
         else:
-            table.to_csv(tmp, index=False, float_format="%.4f")
+            table.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

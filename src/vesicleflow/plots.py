@@ -125,7 +125,9 @@ def plot_preview(path: str | Path, volume, table: pd.DataFrame, voxel_nm: float,
     panels["yz"].set_xlabel("z (nm)", fontsize=8)
     panels["yz"].yaxis.tick_right()
     panels["xy"].tick_params(labelbottom=False)
-    fig.suptitle(f"{title}: {len(table)} vesicles, voxel {voxel_nm * 10:.2f} Å", fontsize=10)
+    # the figure's title sits on the xy panel: a suptitle would float above the equal-aspect panels
+    panels["xy"].set_title(f"{title}: {len(table)} vesicles, voxel {voxel_nm * 10:.2f} Å\n"
+                           f"xy at z = {int(at[0])}", fontsize=9)
     _save(fig, path)
 
 

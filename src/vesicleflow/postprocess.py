@@ -85,8 +85,9 @@ def halo_voxels(voxel_size_nm: float, min_radius_nm: float, max_radius_nm: float
             + _min_distance_voxels(voxel_size_nm, min_radius_nm, min_separation_nm) + 2)
 
 
-def block_cores(shape, halo: int, budget_voxels: int = BLOCK_VOXELS) -> tuple[int, ...]:
+def block_cores(shape, halo: int, budget_voxels: int | None = None) -> tuple[int, ...]:
     """Core size per axis: halve the largest core until the haloed block fits ``budget_voxels``."""
+    budget_voxels = BLOCK_VOXELS if budget_voxels is None else budget_voxels
     core = [int(n) for n in shape]
     while True:
         extended = [min(c + 2 * halo, n) for c, n in zip(core, shape)]
@@ -142,7 +143,7 @@ def mask_on_model_grid(mask_path: str | Path, mapping: GridMapping) -> np.ndarra
 def postprocess_probability(probability: str | Path, output: str | Path, threshold: float = 0.5,
                             mask: str | Path | None = None, min_radius_nm: float = 8.0,
                             max_radius_nm: float = 60.0, min_separation_nm: float | None = None,
-                            block_voxels: int = BLOCK_VOXELS) -> int:
+                            block_voxels: int | None = None) -> int:
     """Write instance labels (zarr, model grid); returns the number of candidates."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")

@@ -22,8 +22,9 @@ SLAB_PLANES = DEFAULT_CHUNKS[0]
 BLOCK_BYTES = 32 * 2**20
 
 
-def blocks(shape, block_bytes: int = BLOCK_BYTES):
+def blocks(shape, block_bytes: int | None = None):
     """Yield (z0, z1, y0, y1): z slabs of whole chunks, split into row bands that fit ``block_bytes``."""
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
     row_bytes = 4 * shape[2]
     chunk_y = DEFAULT_CHUNKS[1]
     rows = max(1, block_bytes // (row_bytes * min(SLAB_PLANES, shape[0])))

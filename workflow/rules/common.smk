@@ -54,11 +54,17 @@ def discover_tomograms(input_dir, patterns, mask_suffix):
     root = Path(input_dir)
     if not root.is_dir():
         return found
-    for dataset_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for dataset_dir in sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
         before = len(found)
         for pattern in patterns:
             for path in sorted(dataset_dir.glob(pattern)):
-                if path.name.startswith(".") or path.stem.endswith(mask_suffix) or not path.is_file():
+                if (
+                    path.name.startswith(".")
+                    or path.stem.endswith(mask_suffix)
+                    or not path.is_file()
+                ):
                     continue
                 key = (dataset_dir.name, path.stem)
                 if key in found:
@@ -95,7 +101,9 @@ def mask_path(wildcards):
     """The tomogram's cytoplasm mask if one exists (beside it, or in the dataset's mask_dir)."""
     tomogram = TOMOGRAMS[(wildcards.dataset, wildcards.tomo)]
     folder = dataset_setting(wildcards.dataset, "mask_dir") or tomogram.parent
-    candidate = Path(folder) / f"{tomogram.stem}{config['mask_suffix']}{tomogram.suffix}"
+    candidate = (
+        Path(folder) / f"{tomogram.stem}{config['mask_suffix']}{tomogram.suffix}"
+    )
     return [str(candidate)] if candidate.is_file() else []
 
 
@@ -142,7 +150,9 @@ MB = 2**20
 
 def _model_voxel_size_angstrom():
     try:
-        return float(json.loads(Path(MODEL_DIR, "model.json").read_text())["voxel_size_angstrom"])
+        return float(
+            json.loads(Path(MODEL_DIR, "model.json").read_text())["voxel_size_angstrom"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return 20.0
 
@@ -184,29 +194,38 @@ def tomogram_geometry(wildcards):
 def _stage_mb(stage, shape, model_shape):
     """Peak memory (MB) of one stage, calibrated on measurements (see tests/test_memory.py)."""
     plane_mb = 4 * shape[1] * shape[2] / MB  # one original plane as float32
+    volume_mb = 4 * math.prod(shape) / MB  # the original grid as float32 (memory maps)
     model_mb = 4 * math.prod(model_shape) / MB  # the model grid as float32
     model_plane_mb = 4 * model_shape[1] * model_shape[2] / MB
     zoom = model_shape[1] / shape[1]
-    if stage == "normalize":  # slabs of input planes: >= 32 MB, or (1/zoom + smoothing halo) planes
+    if stage == "normalize":
+        # slabs of input planes: 32 MB, or (1/zoom + smoothing halo) planes if more
         block_mb = max(32.0, (1 / zoom + 12) * plane_mb)
         return 450 + 6 * block_mb + 3 * 64 * model_plane_mb
     if stage == "tile":
         return 500
-    if stage == "infer":  # model and batch activations + sum(w*p), sum(w) over the shard's box
+    if stage == "infer":
+        # the network and one batch of activations + sum(w*p), sum(w) over the shard's box
         inference = config["inference"]
         window = inference["window"] or 64
         activations = 400 * (window / 64) ** 3 * max(inference["batch_size"], 1) / 4
         return 600 + activations + 2.2 * model_mb
-    if stage == "stitch":  # numerator + denominator + shard reads, 32 MB row bands of 64 planes
+    if stage == "stitch":
+        # numerator, denominator and shard reads over 64-plane slabs of 32 MB row bands
         block_mb = max(32.0, 64 * 64 * 4 * model_shape[2] / MB)
         return 450 + 5 * block_mb
-    if stage == "postprocess":  # one haloed block (<= 12 Mi voxels) at ~60 bytes per voxel
+    if stage == "postprocess":
+        # one haloed block (at most 12 Mi voxels unless the halo needs more) at ~60 bytes a voxel
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
         block_voxels = min(math.prod(model_shape), max(12 * MB, (8 + 2 * halo) ** 3))
         return 450 + 64 * block_voxels / MB + 2 * 64 * model_plane_mb
-    if stage == "spherefit":  # the model-grid labels in memory + the tomogram's memory map
-        return 500 + 1.1 * 4 * math.prod(shape) / MB + 2.5 * model_mb
+    if stage == "spherefit":
+        # the model-grid labels in memory + the pages of the tomogram's memory map it touches
+        return 500 + 1.1 * volume_mb + 2.5 * model_mb
+    if stage == "export":
+        # the tomogram's memory map + label volumes written on the original grid (uint16)
+        return 500 + 1.1 * volume_mb + 0.5 * volume_mb + 2.5 * model_mb
     raise ValueError(f"no memory model for stage {stage!r}")
 
 
@@ -237,13 +256,4 @@ def all_inputs(wildcards):
             f"no tomograms ({patterns}) found in dataset sub-folders of input_dir "
             f"{config['input_dir']!r}; set it with --config input_dir=DIR"
         )
-    return summary_outputs()
-
-
-def summary_outputs():
-    return [
-        f"{OUT}/summary/vesicles.csv",
-        f"{OUT}/summary/per_tomogram.csv",
-        f"{OUT}/summary/per_dataset.csv",
-        f"{OUT}/summary/radius_distribution.png",
-    ]
+    return list(rules.aggregate.output)

@@ -1,0 +1,198 @@
+"""Memory: every stage's peak RSS on a 200 x 512 x 512 tomogram stays under the `mem_mb` its rule
+declares, and the chunked stages give the same result whatever their block size.
+
+Each stage runs as its own `vesicleflow` process; its peak RSS comes from os.wait4 (the kernel's
+ru_maxrss of that child, including pages of memory-mapped files it touched). The declared values
+come from a Snakemake dry run over the same tomogram, so the test checks what the workflow really
+asks a cluster for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import VENV_BIN, cli_env, run_snakemake_isolated
+
+from vesicleflow.grid import GridMapping
+from vesicleflow.io import write_mrc
+from vesicleflow.volumes import create_volume, read_full
+
+SHAPE = (200, 512, 512)
+VOXEL_ANGSTROM = 10.0  # a 4x-binned tomogram; the model grid (20 Å) is 100 x 256 x 256
+N_VESICLES = 150
+
+
+def synthetic_synapse(shape, voxel_angstrom, n_vesicles, seed=0):
+    """Noise with dark spherical shells (vesicle membranes), and a matching model-grid probability map."""
+    rng = np.random.default_rng(seed)
+    volume = rng.normal(0, 1, shape).astype(np.float32)
+    mapping = GridMapping(shape, voxel_angstrom, 20.0)
+    probability = np.zeros(mapping.model_shape, np.float32)
+    voxel_nm = voxel_angstrom / 10
+    for _ in range(n_vesicles):
+        radius = rng.uniform(15, 25) / voxel_nm
+        centre = rng.uniform([radius + 4] * 3, np.array(shape) - radius - 4)
+        box = tuple(slice(max(0, int(c - radius - 5)), min(n, int(c + radius + 6))) for c, n in zip(centre, shape))
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[box], centre)))
+        volume[box] -= 3 * np.exp(-0.5 * ((distance - radius) / 1.5) ** 2)
+        centre_m, radius_m = mapping.original_to_model(centre), radius * mapping.zoom
+        box = tuple(slice(max(0, int(c - radius_m - 2)), min(n, int(c + radius_m + 3)))
+                    for c, n in zip(centre_m, mapping.model_shape))
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[box], centre_m)))
+        probability[box] = np.maximum(probability[box], np.clip(1.0 - 0.6 * distance / radius_m, 0, 1))
+    return volume, probability, mapping
+
+
+#: Runs argv[1:] and prints its peak RSS (kB). A child forked from a large process starts with that
+#: process's resident pages, and Linux keeps that high-water mark across exec, so the stage must be
+#: forked from this small launcher, never directly from the test process.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss_mb(args: list, log) -> tuple[float, float]:
+    """Run one `vesicleflow` command; its peak RSS (MB) and wall time (s)."""
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, str(VENV_BIN / "vesicleflow"), *map(str, args)],
+                            env=cli_env(), stdout=log, stderr=subprocess.PIPE, text=True)
+    log.write(result.stderr)
+    assert result.returncode == 0, f"{args[0]} failed: {result.stderr[-2000:]}"
+    return int(result.stderr.strip().splitlines()[-1]) / 1024, time.perf_counter() - began
+
+
+def declared_mem_mb(input_dir, output_dir, model) -> dict[str, int]:
+    """rule -> mem_mb, from a dry run of the workflow over ``input_dir``."""
+    result = run_snakemake_isolated(output_dir.parent / "wd", "--dry-run", "--config", f"input_dir={input_dir}",
+                                    f"output_dir={output_dir}", f"model={model}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    declared, rule = {}, None
+    for line in (result.stdout + result.stderr).splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):", line.strip()):
+            rule = match.group(1)
+        elif rule and (match := re.search(r"resources:.*\bmem_mb=(\d+)", line)):
+            declared[rule] = int(match.group(1))
+    return declared
+
+
+@pytest.mark.slow
+def test_every_stage_stays_under_its_declared_memory(model_copy, tmp_path):
+    volume, probability, mapping = synthetic_synapse(SHAPE, VOXEL_ANGSTROM, N_VESICLES)
+    tomogram = write_path = tmp_path / "input" / "ds" / "big.mrc"
+    write_mrc(write_path, volume, VOXEL_ANGSTROM)
+    del volume
+    work = tmp_path / "work"
+    work.mkdir()
+    # stitch input: one shard covering the volume whose weighted mean is the synthetic probability
+    attrs = {"box_start": [0, 0, 0], "box_stop": list(mapping.model_shape), "shape": list(mapping.model_shape),
+             "shard": 0}
+    create_volume(work / "full_shard.zarr" / "weighted", mapping.model_shape, "float32", attrs=attrs)[...] = \
+        probability * 0.5
+    create_volume(work / "full_shard.zarr" / "weight", mapping.model_shape, "float32", attrs=attrs)[...] = 0.5
+    del probability
+    declared = declared_mem_mb(tmp_path / "input", tmp_path / "results", model_copy)
+
+    stages = {
+        "normalize": ["normalize", tomogram, work / "normalized.zarr", "--model", model_copy],
+        # infer: shard 0 of 10 (5 of the 50 windows) keeps CPU time short; its memory is the model,
+        # one batch of activations and the shard's box, so a full shard adds only 8 bytes per voxel
+        "tile": ["tile", work / "normalized.zarr", work / "tiles.json", "--model", model_copy, "--shards", "10"],
+        "infer": ["infer", work / "normalized.zarr", work / "tiles.json", work / "shard_0.zarr", "--shard", "0",
+                  "--model", model_copy, "--device", "cpu", "--threads", "2"],
+        "stitch": ["stitch", work / "probability.zarr", "--normalized", work / "normalized.zarr",
+                   work / "full_shard.zarr"],
+        "postprocess": ["postprocess", work / "probability.zarr", work / "labels.zarr"],
+        "spherefit": ["spherefit", work / "labels.zarr", tomogram, work / "spheres.csv"],
+        "export": ["export", work / "spheres.csv", work / "labels.zarr", tomogram, work / "out",
+                   "--dataset", "ds", "--name", "big"],
+    }
+    measured = {}
+    with open(tmp_path / "stages.log", "w") as log:
+        for stage, args in stages.items():
+            peak, wall = peak_rss_mb(args, log)
+            measured[stage] = {"peak_rss_mb": round(peak), "declared_mem_mb": declared.get(stage),
+                               "wall_s": round(wall, 1)}
+    report = json.dumps(measured, indent=1)
+    print(f"\npeak RSS per stage on {SHAPE} at {VOXEL_ANGSTROM} Å:\n{report}")
+    (tmp_path / "memory.json").write_text(report)
+    n_labels = int(read_full(work / "labels.zarr").max())
+    assert n_labels > N_VESICLES // 2, "postprocess should see the synthetic vesicles"
+    over = {stage: m for stage, m in measured.items() if m["declared_mem_mb"] is None
+            or m["peak_rss_mb"] > m["declared_mem_mb"]}
+    assert not over, f"stages over (or without) their declared mem_mb:\n{report}"
+
+
+# ------------------------------------------------------------------------ chunking changes nothing
+
+def test_normalize_is_the_same_in_any_slab_size(mrc_factory, monkeypatch):
+    from vesicleflow import normalize
+
+    rng = np.random.default_rng(2)
+    path = mrc_factory("t.mrc", rng.normal(3, 2, (40, 96, 80)).astype(np.float32), voxel_size_angstrom=13.0)
+    whole = read_full(normalize.normalize_tomogram(path, path.parent / "a.zarr"))
+    monkeypatch.setattr(normalize, "BLOCK_BYTES", 1)  # one output plane per step
+    assert normalize.slab_planes(normalize.read_grid(path.parent / "a.zarr"), 0.1) == 1
+    np.testing.assert_array_equal(read_full(normalize.normalize_tomogram(path, path.parent / "b.zarr")), whole)
+
+
+def test_stitch_is_the_same_in_any_block_size(tmp_path, monkeypatch):
+    from vesicleflow import stitch
+
+    shape = (70, 150, 90)
+    rng = np.random.default_rng(3)
+    create_volume(tmp_path / "n.zarr", shape, "float32", attrs={"grid": {}})
+    boxes = [((0, 0, 0), (50, 150, 90)), ((30, 0, 0), (70, 150, 90)), ((10, 20, 30), (60, 100, 90))]
+    for k, (start, stop) in enumerate(boxes):
+        box = [b - a for a, b in zip(start, stop)]
+        attrs = {"box_start": list(start), "box_stop": list(stop), "shape": list(shape)}
+        weight = rng.uniform(0.1, 1, box).astype(np.float32)
+        create_volume(tmp_path / f"s{k}.zarr" / "weighted", box, "float32", attrs=attrs)[...] = \
+            weight * rng.uniform(0, 1, box).astype(np.float32)
+        create_volume(tmp_path / f"s{k}.zarr" / "weight", box, "float32", attrs=attrs)[...] = weight
+    shards = [tmp_path / f"s{k}.zarr" for k in range(len(boxes))]
+    whole = read_full(stitch.stitch_shards(shards, tmp_path / "n.zarr", tmp_path / "a.zarr"))
+    monkeypatch.setattr(stitch, "BLOCK_BYTES", 1)  # 64-plane slabs of 64-row bands
+    assert len(list(stitch.blocks(shape))) == 6
+    np.testing.assert_array_equal(read_full(stitch.stitch_shards(shards, tmp_path / "n.zarr", tmp_path / "b.zarr")),
+                                  whole)
+
+
+def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
+    """Touching vesicles, vesicles across block borders, blobs too small and too large: the blocked
+    result equals the single-block one voxel for voxel, labels numbered identically."""
+    from vesicleflow.postprocess import block_cores, halo_voxels, postprocess_probability, separate_instances
+
+    shape = (48, 120, 136)
+    rng = np.random.default_rng(1)
+    probability = np.zeros(shape, np.float32)
+    for _ in range(60):
+        centre, radius = rng.uniform([0, 0, 0], shape), rng.uniform(2.5, 14)
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[tuple(slice(0, n) for n in shape)], centre)))
+        probability = np.maximum(probability, np.clip(1.2 - 0.7 * distance / radius, 0, 1))
+    probability += rng.normal(0, 0.05, shape).astype(np.float32)
+    attrs = {"grid": GridMapping(shape, 20.0, 20.0).to_attrs()}
+    create_volume(tmp_path / "p.zarr", shape, "float32", attrs=attrs)[...] = probability
+    kwargs = {"threshold": 0.5, "min_radius_nm": 8.0, "max_radius_nm": 20.0}
+    n_whole = postprocess_probability(tmp_path / "p.zarr", tmp_path / "whole.zarr", **kwargs, block_voxels=10**9)
+    budget = 400_000
+    halo = halo_voxels(2.0, 8.0, 20.0)
+    cores = block_cores(shape, halo, budget)
+    assert np.prod([-(-n // c) for n, c in zip(shape, cores)]) >= 8, cores
+    n_blocked = postprocess_probability(tmp_path / "p.zarr", tmp_path / "blocked.zarr", **kwargs, block_voxels=budget)
+    whole, blocked = read_full(tmp_path / "whole.zarr"), read_full(tmp_path / "blocked.zarr")
+    assert n_whole == n_blocked > 10
+    np.testing.assert_array_equal(blocked, whole)
+    in_memory = separate_instances(probability > 0.5, 2.0, 8.0, 20.0)
+    np.testing.assert_array_equal(in_memory, whole)
