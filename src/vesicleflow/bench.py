@@ -417,7 +417,8 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
 
 def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: float = DEFAULT_VOXEL_SIZE_ANGSTROM,
                   threads: int = 2, batch_size: int = 4, overlap: float = 0.25, device: str = "auto",
-                  dryrun_tomograms: int = 1000, keep: bool = False, base_shape=BASE_SHAPE) -> dict:
+                  dryrun_tomograms: int = 1000, keep: bool = False, base_shape=BASE_SHAPE,
+                  ceiling_side: int = CEILING_CONV["side"]) -> dict:
     """Generate (or reuse) the tomograms, run every stage on each, and write ``<out>/bench.json``
     and ``<out>/bench.txt`` (the table). Returns the report."""
     from vesicleflow.io import read_json, write_json
@@ -437,7 +438,7 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
     net, info = load_model(None, "cpu")
     flops_per_voxel = count_flops_per_voxel(net, info.window)
     del net
-    ceiling = conv3d_ceiling(dev, threads)
+    ceiling = conv3d_ceiling(dev, threads, side=ceiling_side)
     report["model"] = {"name": info.name, "voxel_size_angstrom": info.voxel_size_angstrom, "window": info.window,
                        "flops_per_voxel": flops_per_voxel}
     report["conv3d_ceiling"] = {**ceiling, "flops_per_s": round(ceiling["flops_per_s"]),

@@ -234,3 +234,37 @@ def bench(out: Annotated[Path, typer.Option(help="Folder for the tomograms (reus
     report = run_benchmark(out, shapes, voxel_size_angstrom, threads, batch_size, overlap, device,
                            dryrun_tomograms, keep)
     typer.echo(format_report(report) + f"written: {out / 'bench.json'}, {out / 'bench.txt'}")
+
+
+@app.command()
+@user_errors
+def curate(path: Annotated[Path, typer.Argument(
+               help="A results folder <output_dir>/<dataset>/<tomogram>, or a bare tomogram (.mrc/.rec).")],
+           results_dir: Annotated[Path | None, typer.Option(
+               help="Folder for vesicles.curated.csv; default: PATH for a results folder, "
+                    "./<dataset>/<tomogram> for a bare tomogram.")] = None,
+           tomogram: Annotated[Path | None, typer.Option(
+               help="The tomogram, when the results folder has no tomogram.json.")] = None,
+           voxel_size_angstrom: VoxelSize = None,
+           max_diameter_nm: Annotated[float, typer.Option(
+               help="A click searches for vesicles up to this outer diameter (nm).")] = 100.0,
+           min_radius_nm: Annotated[float, typer.Option(help="Smallest radius a click accepts (nm).")] = 8.0,
+           bilayer_thickness_nm: Annotated[float, typer.Option(
+               help="Outer radius = membrane mid radius + half this (as in spherefit); 0 = measured.")] = 4.5,
+           screenshot: Annotated[Path | None, typer.Option(
+               help="Render the window to this PNG and exit (needs a display, e.g. xvfb-run).")] = None) -> None:
+    """Curate one tomogram's vesicles in napari: click to add (fitted), delete, resize, undo, save."""
+    from vesicleflow.curate import open_results
+
+    inputs = open_results(path, results_dir, tomogram, voxel_size_angstrom)
+    try:
+        from vesicleflow import curate_napari
+
+        curate_napari.require_napari()
+    except ImportError as err:
+        typer.echo(f"vesicleflow curate: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{inputs.dataset}/{inputs.name}: {len(inputs.table)} vesicles ({inputs.started_from}); "
+               f"saving to {inputs.curated_path}", err=True)
+    curate_napari.run(inputs, screenshot, max_diameter_nm=max_diameter_nm, min_radius_nm=min_radius_nm,
+                      bilayer_thickness_nm=bilayer_thickness_nm or None)

@@ -105,6 +105,7 @@ class CurationController:
         self.listeners: list[Callable[[], None]] = []
         self.message = ""
         self._syncing = False
+        self._last_added: list[int] = []
         self.image = viewer.add_image(curation.volume, name=title, contrast_limits=contrast_limits(curation.volume),
                                       colormap="gray")
         self.probability = None
@@ -118,7 +119,12 @@ class CurationController:
             border_width_is_relative=True, features=pd.DataFrame({"vesicle_id": pd.Series(dtype=np.int64)}),
             feature_defaults={"vesicle_id": 0}, **self._projection_keywords())
         self.points.events.data.connect(self._on_data)
-        self.points.selected_data.events.changed.connect(lambda event=None: self._notify())
+        selection_events = self.points.selected_data.events
+        try:  # napari >= 0.6 (psygnal) names it items_changed, older versions changed
+            selection_changed = selection_events.items_changed
+        except AttributeError:
+            selection_changed = selection_events.changed
+        selection_changed.connect(self._notify)
         viewer.layers.selection.active = self.points
         self._bind_keys()
         self.refresh()
@@ -173,7 +179,7 @@ class CurationController:
                 self.viewer.dims.margin_left = self.viewer.dims.margin_right = tuple(margins)
         self._notify()
 
-    def _notify(self) -> None:
+    def _notify(self, *args) -> None:
         for listener in list(self.listeners):
             listener()
 
@@ -197,9 +203,8 @@ class CurationController:
         action = str(getattr(event, "action", "")).lower().rsplit(".", 1)[-1]
         if action == "added":
             new = np.flatnonzero(self.points.features["vesicle_id"].to_numpy() <= 0)
-            for index in new:
-                self.place(self.points.data[index], refresh=False)
-            self.refresh(select_ids=self._last_added)
+            added = [self.place(self.points.data[index], refresh=False) for index in new]
+            self.refresh(select_ids=[v for v in added if v is not None])
         elif action == "removed":
             present = set(self.points.features["vesicle_id"].tolist())
             gone = [v for v in self.curation.table["vesicle_id"].tolist() if v not in present]
@@ -220,8 +225,6 @@ class CurationController:
             self.refresh(select_ids=list(moves))
 
     # ----------------------------------------------------------------------- actions
-
-    _last_added: list[int] = []
 
     def place(self, point_zyx, refresh: bool = True) -> int | None:
         """Fit the vesicle around a point (z, y, x voxels) and add it; its id or None."""
@@ -412,6 +415,20 @@ def open_viewer(inputs: CurationInputs, viewer=None, show: bool = True, **sessio
     return viewer, controller, widget
 
 
+def save_screenshot(viewer, path: str | Path, size: tuple[int, int] = (1500, 950)) -> Path:
+    """Render the whole window (canvas, layer list, dock widget) to a PNG."""
+    from qtpy.QtWidgets import QApplication
+
+    window = viewer.window._qt_window  # napari has no public way to size the window
+    window.resize(*size)
+    for _ in range(3):
+        QApplication.processEvents()
+    viewer.reset_view()
+    QApplication.processEvents()
+    viewer.screenshot(str(path), canvas_only=False)
+    return Path(path)
+
+
 def run(inputs: CurationInputs, screenshot: str | Path | None = None, **session_options) -> None:
     """Open the curation viewer and block until it is closed; with ``screenshot``, render the
     window to that PNG and return instead (no interaction)."""
@@ -420,10 +437,7 @@ def run(inputs: CurationInputs, screenshot: str | Path | None = None, **session_
 
     viewer, controller, _ = open_viewer(inputs, show=True, **session_options)
     if screenshot is not None:
-        select = controller.curation.table["vesicle_id"].head(1).tolist()
-        controller.refresh(select_ids=select)
-        viewer.window._qt_window.resize(1400, 900)  # napari has no public resize
-        viewer.screenshot(str(screenshot), canvas_only=False)
+        save_screenshot(viewer, screenshot)
         viewer.close()
         return
     napari.run()

@@ -30,8 +30,8 @@ from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, z_sl
 
 log = logging.getLogger(__name__)
 
-#: Most voxels in one haloed block; segmentation needs about 60 bytes per voxel at its peak.
-BLOCK_VOXELS = 12 * 2**20
+#: Most voxels in one haloed block; segmentation needs about 55 bytes per voxel at its peak.
+BLOCK_VOXELS = 16 * 2**20
 
 
 def _min_distance_voxels(voxel_size_nm: float, min_radius_nm: float, min_separation_nm: float | None) -> int:
@@ -86,15 +86,22 @@ def halo_voxels(voxel_size_nm: float, min_radius_nm: float, max_radius_nm: float
 
 
 def block_cores(shape, halo: int, budget_voxels: int | None = None) -> tuple[int, ...]:
-    """Core size per axis: halve the largest core until the haloed block fits ``budget_voxels``."""
+    """Core size per axis: of the block grids whose haloed blocks fit ``budget_voxels``, the one
+    that processes the fewest voxels in all (halos included); cores are at least 8 voxels."""
     budget_voxels = BLOCK_VOXELS if budget_voxels is None else budget_voxels
-    core = [int(n) for n in shape]
-    while True:
-        extended = [min(c + 2 * halo, n) for c, n in zip(core, shape)]
-        if math.prod(extended) <= budget_voxels or max(core) <= 8:
-            return tuple(core)
-        axis = int(np.argmax(core))
-        core[axis] = max(8, math.ceil(core[axis] / 2))
+    options = []
+    for n in shape:  # distinct core sizes along one axis, as (core, blocks, haloed extent)
+        cores = sorted({math.ceil(n / k) for k in range(1, max(1, n // 8) + 1)} | {n}, reverse=True)
+        cores = [c for c in cores if c >= min(8, n)][:256]
+        options.append(np.array([(c, math.ceil(n / c), min(c + 2 * halo, n)) for c in cores], np.int64))
+    oz, oy, ox = options
+    extent = oz[:, None, None, 2] * oy[None, :, None, 2] * ox[None, None, :, 2]
+    total = extent * (oz[:, None, None, 1] * oy[None, :, None, 1] * ox[None, None, :, 1])
+    total = np.where(extent <= budget_voxels, total, np.iinfo(np.int64).max)
+    if (total == np.iinfo(np.int64).max).all():  # the halo alone exceeds the budget: smallest blocks
+        total = extent
+    iz, iy, ix = np.unravel_index(int(np.argmin(total)), total.shape)
+    return int(oz[iz, 0]), int(oy[iy, 0]), int(ox[ix, 0])
 
 
 def iter_blocks(shape, core, halo: int):

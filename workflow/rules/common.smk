@@ -215,17 +215,17 @@ def _stage_mb(stage, shape, model_shape):
         block_mb = max(32.0, 64 * 64 * 4 * model_shape[2] / MB)
         return 450 + 5 * block_mb
     if stage == "postprocess":
-        # one haloed block (at most 12 Mi voxels unless the halo needs more) at ~60 bytes a voxel
+        # one haloed block (at most 16 Mi voxels unless the halo needs more) at ~60 bytes a voxel
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
-        block_voxels = min(math.prod(model_shape), max(12 * MB, (8 + 2 * halo) ** 3))
+        block_voxels = min(math.prod(model_shape), max(16 * MB, (8 + 2 * halo) ** 3))
         return 450 + 64 * block_voxels / MB + 2 * 64 * model_plane_mb
     if stage == "spherefit":
         # the model-grid labels in memory + the pages of the tomogram's memory map it touches
         return 500 + 1.1 * volume_mb + 2.5 * model_mb
     if stage == "export":
         # the tomogram's memory map + label volumes written on the original grid (uint16)
-        return 500 + 1.1 * volume_mb + 0.5 * volume_mb + 2.5 * model_mb
+        return 600 + 1.1 * volume_mb + 0.5 * volume_mb + 2.5 * model_mb
     raise ValueError(f"no memory model for stage {stage!r}")
 
 
