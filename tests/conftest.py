@@ -157,3 +157,40 @@ def make_bad_input(kind: str, path: Path, good: Path) -> Path:
         else:
             raise ValueError(kind)
     return path
+
+
+#: The mixed folder: tomograms that must fail at normalize, and those that must complete.
+MIXED_BAD = ["not_mrc", "voxel_unset", "nan"]
+MIXED_GOOD = ["good ü 1", "empty"]
+
+
+@pytest.fixture(scope="session")
+def mixed_run(good_tomogram, model_copy, tmp_path_factory):
+    """One real `snakemake --keep-going` over good and bad tomograms side by side.
+
+    ``good ü 1``: a simulated synapse with its mask (spaces and non-ASCII in the name); ``empty``:
+    smaller than one inference window, with an all-zero mask (valid: zero vesicles); ``wrong mask``:
+    its mask has another shape (fails at postprocess); MIXED_BAD fail at normalize; a hidden macOS
+    ``._`` file is not a tomogram; ``empty_dataset/`` has no tomograms (warning only).
+    """
+    root = tmp_path_factory.mktemp("mixed")
+    data = root / "input" / "mixed"
+    tomogram, mask = good_tomogram
+    (data / "good ü 1.mrc").parent.mkdir(parents=True)
+    (data / "good ü 1.mrc").write_bytes(tomogram.read_bytes())
+    (data / "good ü 1_mask.mrc").write_bytes(mask.read_bytes())
+    (data / "._good ü 1.mrc").write_bytes(b"\0" * 4096)  # macOS metadata junk: not a tomogram
+    make_bad_input("tiny", data / "empty.mrc", tomogram)
+    write_mrc(data / "empty_mask.mrc", np.zeros((10, 24, 20), np.int8), 11.54)
+    make_bad_input("tiny", data / "wrong mask.mrc", tomogram)
+    write_mrc(data / "wrong mask_mask.mrc", np.ones((10, 24, 24), np.int8), 11.54)
+    for kind in MIXED_BAD:
+        make_bad_input(kind, data / f"{kind}.mrc", tomogram)
+    (root / "input" / "empty_dataset").mkdir()
+    before = tree_snapshot(root / "input")
+    config = [f"input_dir={root / 'input'}", f"output_dir={root / 'results'}", f"model={model_copy}"]
+    result = run_snakemake_isolated(root / "wd", "--profile", str(REPO / "profiles" / "local"), "--cores", "2",
+                                    "--keep-going", "--config", *config)
+    after = tree_snapshot(root / "input")
+    return {"root": root, "results": root / "results", "input": data, "result": result, "config": config,
+            "before": before, "after": after}

@@ -16,8 +16,15 @@ import pytest
 import torch
 
 from vesicleflow import bench
-from vesicleflow.infer import _read_window, infer_shard, prepare_for_inference
-from vesicleflow.io import read_json, write_mrc
+from vesicleflow.infer import (
+    FastUNet,
+    _read_window,
+    infer_shard,
+    inference_network,
+    prepare_for_inference,
+    upsample_conv_kernel,
+)
+from vesicleflow.io import write_mrc
 from vesicleflow.model import UNet3d, load_model
 from vesicleflow.modelinfo import Architecture
 from vesicleflow.normalize import normalize_tomogram
@@ -91,6 +98,52 @@ def test_prepared_network_matches_the_plain_network():
         expected = torch.sigmoid(net(x))
         got = torch.sigmoid(prepared(x.contiguous(memory_format=torch.channels_last_3d)))
     assert float((got - expected).abs().max()) < PROBABILITY_TOLERANCE
+
+
+def test_nearest_upsampling_then_conv_is_a_transposed_conv():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 6, 7, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, 3, generator=gen, dtype=torch.float64)
+    expected = torch.nn.functional.conv3d(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"),
+                                          weight, padding=1)
+    got = torch.nn.functional.conv_transpose3d(x, upsample_conv_kernel(weight), stride=2, padding=1)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-10
+
+
+def _randomised(arch: Architecture) -> UNet3d:
+    """A network with random weights and random BatchNorm statistics (folding must use them)."""
+    torch.manual_seed(3)
+    net = UNet3d(arch)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("upsample, kernel", [("nearest", 3), ("trilinear", 3), ("nearest", 5)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fast_unet_matches_other_architectures(upsample, kernel, fused):
+    arch = Architecture(encoder=[[4, 4], [6]], bottom=[8], decoder=[[6], [4, 5]], upsample=upsample,
+                        kernel_size=kernel)
+    net = _randomised(arch)
+    x = torch.randn(2, 1, 16, 24, 32, generator=torch.Generator().manual_seed(0))
+    try:
+        fast = FastUNet(net, fused=fused)
+        with torch.inference_mode():
+            got = fast(x.contiguous(memory_format=torch.channels_last_3d))
+    except RuntimeError:
+        if fused:
+            pytest.skip("oneDNN fused operations unavailable in this torch build")
+        raise
+    with torch.inference_mode():
+        expected = net(x)
+    assert float((got - expected).abs().max()) < 1e-4
+    model, form = inference_network(net, torch.device("cpu"))
+    assert form in ("fast-fused", "fast")
 
 
 @pytest.mark.parametrize("window, shards", [(None, 1), (32, 3)])
@@ -222,7 +275,7 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
     assert row["model_shape_zyx"] == [18, 48, 48] and row["windows"] == 1
     assert row["window_redundancy"] == pytest.approx(64**3 / math.prod([18, 48, 48]), rel=1e-3)
     assert row["stages"]["infer"]["infer"]["windows"] == 1
-    assert 0 < row["inference_efficiency"] and 0 < row["non_inference_share"] < 1
+    assert row["inference_efficiency"] > 0 and 0 < row["non_inference_share"] < 1
     assert report["conv3d_ceiling"]["flops_per_s"] > 1e8
     text = (tmp_path / "bench.txt").read_text()
     for word in ("normalize", "export", "total", "FLOPs per voxel", "targets:"):
@@ -236,11 +289,12 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
 
 def test_targets_and_scaling_from_a_report():
     def row(voxels, seconds, rss):
-        stages = {s: {"wall_s": seconds / 7, "cpu_s": 1.0, "peak_rss_mb": rss, "peak_rss_over_float32": rss / (4 * voxels / 2**20)}
-                  for s in bench.STAGES}
+        stages = {s: {"wall_s": seconds / 7, "cpu_s": 1.0, "peak_rss_mb": rss,
+                      "peak_rss_over_float32": rss / (4 * voxels / 2**20)} for s in bench.STAGES}
         return {"shape_zyx": [voxels, 1, 1], "voxels": voxels, "stages": stages, "total_wall_s": seconds,
                 "peak_rss_mb": rss, "inference_efficiency": 0.6, "non_inference_share": 0.2}
-    tomograms = [row(10**6, 10.0, 100.0), row(8 * 10**6, 80.0, 800.0)]
+    tomograms = [row(10**6, 10.0, 100.0), row(8 * 10**6, 80.0, 800.0)]  # 800 MB = 26x 32 MB: small
+    tomograms[1]["stages"]["infer"]["peak_rss_over_float32"] = 2.5
     report = {"tomograms": tomograms, "scaling": bench.scaling(tomograms), "settings": {"device": "cpu"},
               "snakemake_dryrun": {"tomograms": 1000, "wall_s": 12.0}}
     assert report["scaling"]["total_wall_s"] == pytest.approx(1.0)
@@ -249,6 +303,8 @@ def test_targets_and_scaling_from_a_report():
     tomograms[1]["total_wall_s"] = 320.0  # quadratic
     report["scaling"] = bench.scaling(tomograms)
     assert not bench.check_targets(report)["time exponent"]["pass"]
+    tomograms[1]["stages"]["export"]["peak_rss_over_float32"] = 3.5
+    assert not bench.check_targets(report)["peak RSS / float32 tomogram (largest: export)"]["pass"]
 
 
 def test_snakemake_dry_run_over_a_few_tomograms(tmp_path):

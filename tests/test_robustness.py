@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import (
+    MIXED_BAD,
+    MIXED_GOOD,
     REPO,
     make_bad_input,
     run_snakemake_isolated,
@@ -308,7 +310,12 @@ def test_discovery_errors_stop_the_run_before_any_job(good_tomogram, tmp_path):
     assert re.search(r"two tomograms named 'a' in dataset 'ds' \(a.mrc and a.rec\)", result.stdout + result.stderr)
     # results inside the input folder would be written into it (and found as datasets)
     result = _dry_run(tmp_path, tmp_path / "twins", tmp_path / "twins" / "results")
-    assert result.returncode != 0 and "is inside input_dir" in result.stdout + result.stderr
+    assert result.returncode != 0 and "inside input_dir" in result.stdout + result.stderr
+    # ... also when only a dataset's results folder, <output_dir>/<dataset>, would be the input folder
+    (tmp_path / "x" / "x").mkdir(parents=True)
+    (tmp_path / "x" / "x" / "a.mrc").write_bytes(good_tomogram[0].read_bytes())
+    result = _dry_run(tmp_path, tmp_path / "x", tmp_path)
+    assert result.returncode != 0 and "inside input_dir" in result.stdout + result.stderr
     # a bad config value on the command line names its key
     result = _dry_run(tmp_path, tmp_path / "twins", None,
                       "postprocess={threshold: 2, min_radius_nm: 8, max_radius_nm: 60, min_separation_nm: null}")
@@ -316,43 +323,6 @@ def test_discovery_errors_stop_the_run_before_any_job(good_tomogram, tmp_path):
 
 
 # ------------------------------------------------------------------- workflow: one --keep-going run
-
-#: The mixed folder: tomograms that must fail at normalize, and those that must complete.
-MIXED_BAD = ["not_mrc", "voxel_unset", "nan"]
-MIXED_GOOD = ["good ü 1", "empty"]
-
-
-@pytest.fixture(scope="session")
-def mixed_run(good_tomogram, model_copy, tmp_path_factory):
-    """One real `snakemake --keep-going` over good and bad tomograms side by side.
-
-    ``good ü 1``: a simulated synapse with its mask (spaces and non-ASCII in the name); ``empty``:
-    smaller than one inference window, with an all-zero mask (valid: zero vesicles); ``wrong mask``:
-    its mask has another shape (fails at postprocess); MIXED_BAD fail at normalize; a hidden macOS
-    ``._`` file is not a tomogram; ``empty_dataset/`` has no tomograms (warning only).
-    """
-    root = tmp_path_factory.mktemp("mixed")
-    data = root / "input" / "mixed"
-    tomogram, mask = good_tomogram
-    (data / "good ü 1.mrc").parent.mkdir(parents=True)
-    (data / "good ü 1.mrc").write_bytes(tomogram.read_bytes())
-    (data / "good ü 1_mask.mrc").write_bytes(mask.read_bytes())
-    (data / "._good ü 1.mrc").write_bytes(b"\0" * 4096)  # macOS metadata junk: not a tomogram
-    make_bad_input("tiny", data / "empty.mrc", tomogram)
-    write_mrc(data / "empty_mask.mrc", np.zeros((10, 24, 20), np.int8), 11.54)
-    make_bad_input("tiny", data / "wrong mask.mrc", tomogram)
-    write_mrc(data / "wrong mask_mask.mrc", np.ones((10, 24, 24), np.int8), 11.54)
-    for kind in MIXED_BAD:
-        make_bad_input(kind, data / f"{kind}.mrc", tomogram)
-    (root / "input" / "empty_dataset").mkdir()
-    before = tree_snapshot(root / "input")
-    config = [f"input_dir={root / 'input'}", f"output_dir={root / 'results'}", f"model={model_copy}"]
-    result = run_snakemake_isolated(root / "wd", "--profile", str(REPO / "profiles" / "local"), "--cores", "2",
-                                    "--keep-going", "--config", *config)
-    after = tree_snapshot(root / "input")
-    return {"root": root, "results": root / "results", "input": data, "result": result, "config": config,
-            "before": before, "after": after}
-
 
 @pytest.mark.slow
 def test_keep_going_fails_only_the_bad_tomograms(mixed_run):

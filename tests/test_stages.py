@@ -148,3 +148,21 @@ def test_overlapping_spheres_keep_the_better_one():
     })
     flagged = resolve_overlaps(table, voxel_nm=1.0, tolerance_nm=2.0)
     assert flagged.tolist() == [False, True, False]
+
+
+def test_sharded_inference_stitches_to_the_one_shard_map(mrc_factory, tmp_path):
+    from vesicleflow.infer import infer_shard
+    from vesicleflow.tiling import tile_tomogram
+
+    rng = np.random.default_rng(3)
+    path = mrc_factory("t.mrc", rng.normal(size=(40, 100, 90)).astype(np.float32), voxel_size_angstrom=20.0)
+    normalized = normalize_tomogram(path, tmp_path / "n.zarr")
+    maps = {}
+    for shards in (1, 3):
+        plan = tmp_path / f"plan{shards}.json"
+        tile_tomogram(normalized, plan, window=32, overlap=0.25, shards=shards)
+        outputs = [infer_shard(normalized, plan, k, tmp_path / f"s{shards}_{k}.zarr", batch_size=2, threads=1)
+                   for k in range(shards)]
+        maps[shards] = read_full(stitch_shards(outputs, normalized, tmp_path / f"p{shards}.zarr"))
+    assert maps[1].shape == (40, 100, 90)
+    np.testing.assert_allclose(maps[3], maps[1], rtol=1e-5, atol=1e-6)

@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -216,13 +216,12 @@ def tiled_tomogram(base: Path, shape, path: Path, planes: int = 16) -> Path:
         voxel = float(mrc.voxel_size.x)
     maps = [_mirror_indices(n, m) for n, m in zip(shape, source.shape)]
     rows = source[:, maps[1]][:, :, maps[2]] if shape[1:] != source.shape[1:] else source
-    with atomic_output(path) as tmp:
-        with mrcfile.new_mmap(tmp, shape=tuple(shape), mrc_mode=2, overwrite=True) as mrc:
-            for z0 in range(0, shape[0], planes):
-                z1 = min(z0 + planes, shape[0])
-                mrc.data[z0:z1] = rows[maps[0][z0:z1]]
-            mrc.voxel_size = voxel
-            mrc.update_header_stats()
+    with atomic_output(path) as tmp, mrcfile.new_mmap(tmp, shape=tuple(shape), mrc_mode=2, overwrite=True) as mrc:
+        for z0 in range(0, shape[0], planes):
+            z1 = min(z0 + planes, shape[0])
+            mrc.data[z0:z1] = rows[maps[0][z0:z1]]
+        mrc.voxel_size = voxel
+        mrc.update_header_stats()
     return path
 
 
@@ -383,8 +382,10 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
     voxels = math.prod(shape)
     model_voxels = math.prod(model_shape)
     float32_mb = 4 * voxels / 2**20
-    stages = {r.stage: {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3), "peak_rss_mb": round(r.peak_rss_mb, 1),
-                        "peak_rss_over_float32": round(r.peak_rss_mb / float32_mb, 3), **({"infer": r.extra} if r.extra else {})}
+    stages = {r.stage: {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3),
+                        "peak_rss_mb": round(r.peak_rss_mb, 1),
+                        "peak_rss_over_float32": round(r.peak_rss_mb / float32_mb, 3),
+                        **({"infer": r.extra} if r.extra else {})}
               for r in runs}
     total = sum(r.wall_s for r in runs)
     infer = next(r for r in runs if r.stage == "infer")
@@ -485,18 +486,22 @@ def check_targets(report: dict) -> dict:
     largest = max(tomograms, key=lambda t: t["voxels"])
     checks = {}
     if not report["settings"]["device"].startswith("cuda"):
-        checks["inference_efficiency (largest)"] = (largest["inference_efficiency"], TARGETS["inference_efficiency_min"], ">=")
-        checks["non_inference_share (largest)"] = (largest["non_inference_share"], TARGETS["non_inference_share_max"], "<=")
+        checks["inference efficiency (largest)"] = (largest["inference_efficiency"],
+                                                    TARGETS["inference_efficiency_min"], ">=")
+        checks["time outside inference (largest)"] = (largest["non_inference_share"],
+                                                      TARGETS["non_inference_share_max"], "<=")
     if len(tomograms) >= 2:
         checks["time exponent"] = (report["scaling"]["total_wall_s"], TARGETS["scaling_exponent_max"], "<=")
         checks["memory exponent"] = (report["scaling"]["peak_rss_mb"], TARGETS["scaling_exponent_max"], "<=")
-    worst = max(tomograms, key=lambda t: max(s["peak_rss_over_float32"] for s in t["stages"].values()))
-    stage, row = max(worst["stages"].items(), key=lambda kv: kv[1]["peak_rss_over_float32"])
-    checks[f"peak RSS / float32 tomogram ({stage}, {'x'.join(map(str, worst['shape_zyx']))})"] = (
+    # memory against the tomogram's size on the largest one: on small ones the interpreter's fixed
+    # ~100-300 MB (numpy, zarr, torch) dominates any ratio
+    stage, row = max(largest["stages"].items(), key=lambda kv: kv[1]["peak_rss_over_float32"])
+    checks[f"peak RSS / float32 tomogram (largest: {stage})"] = (
         row["peak_rss_over_float32"], TARGETS["peak_rss_over_float32_max"], "<=")
     dry = report.get("snakemake_dryrun", {})
     if "wall_s" in dry:
-        checks[f"snakemake -n over {dry['tomograms']} tomograms (s)"] = (dry["wall_s"], TARGETS["snakemake_dryrun_s_max"], "<=")
+        checks[f"snakemake -n over {dry['tomograms']} tomograms (s)"] = (dry["wall_s"],
+                                                                          TARGETS["snakemake_dryrun_s_max"], "<=")
     return {name: {"value": value, "limit": limit,
                    "pass": bool(value is not None and (value >= limit if op == ">=" else value <= limit))}
             for name, (value, limit, op) in checks.items()}
@@ -529,7 +534,8 @@ def format_report(report: dict) -> str:
         infer = t["stages"]["infer"].get("infer", {})
         lines.append(f"inference: {t['inference_voxels_per_s'] / 1e6:.2f} M model voxels/s "
                      f"({t['inference_input_voxels_per_s'] / 1e6:.2f} M input voxels/s); ceiling "
-                     f"{t['inference_ceiling_voxels_per_s'] / 1e6:.2f} M/s -> efficiency {t['inference_efficiency']:.0%}"
+                     f"{t['inference_ceiling_voxels_per_s'] / 1e6:.2f} M/s -> "
+                     f"efficiency {t['inference_efficiency']:.0%}"
                      + (f" (forward only: {t['forward_efficiency']:.0%})" if "forward_efficiency" in t else ""))
         if infer:
             lines.append(f"  infer breakdown: read {infer.get('read_s')} s, forward {infer.get('forward_s')} s, "
@@ -538,7 +544,8 @@ def format_report(report: dict) -> str:
         lines.append(f"outside inference: {t['non_inference_share']:.0%} of the total\n")
     s = report["scaling"]
     if s["total_wall_s"] is not None:
-        lines.append(f"scaling exponent against voxels: time {s['total_wall_s']:.2f}, peak memory {s['peak_rss_mb']:.2f}")
+        lines.append(f"scaling exponent against voxels: time {s['total_wall_s']:.2f}, "
+                     f"peak memory {s['peak_rss_mb']:.2f}")
         lines.append("  per stage (time / memory): " + ", ".join(
             f"{k} {v['wall_s']:.2f}/{v['peak_rss_mb']:.2f}" for k, v in s["stages"].items()))
     dry = report.get("snakemake_dryrun")

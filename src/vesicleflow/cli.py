@@ -120,11 +120,14 @@ def export(spheres: Path, labels: Path, tomogram: Path, out_dir: Path,
            voxel_size_angstrom: VoxelSize = None,
            mask: Annotated[Path | None, typer.Option(help="Cytoplasm mask MRC.")] = None,
            probability: Annotated[Path | None, typer.Option(
-               help="probability.zarr: also write it as probability.mrc on the original grid.")] = None) -> None:
+               help="probability.zarr: also write it as probability.mrc on the original grid.")] = None,
+           curated: Annotated[Path | None, typer.Option(
+               help="vesicles.curated.csv: export its vesicles instead of spherefit's.")] = None) -> None:
     """Write vesicles.csv, label/sphere MRCs, IMOD model, RELION STARs and a preview on the original grid."""
     from vesicleflow.export import export_tomogram
 
-    export_tomogram(spheres, labels, tomogram, out_dir, dataset, name, voxel_size_angstrom, mask, probability)
+    export_tomogram(spheres, labels, tomogram, out_dir, dataset, name, voxel_size_angstrom, mask, probability,
+                    curated)
 
 
 @app.command()
@@ -218,7 +221,8 @@ def import_model(kind: Annotated[str, typer.Argument(help="Model family; support
 
 
 @app.command()
-def bench(out: Annotated[Path, typer.Option(help="Folder for the tomograms (reused), bench.json and bench.txt.")] = Path("bench/perf"),
+def bench(out: Annotated[Path, typer.Option(
+              help="Folder for the tomograms (reused), bench.json and bench.txt.")] = Path("bench/perf"),
           shape: Annotated[list[str] | None, typer.Option(
               help="Tomogram size Z x Y x X (repeat); default: 128x256x256, 200x512x512, 300x1024x1024.")] = None,
           voxel_size_angstrom: Annotated[float, typer.Option(help="Voxel size of the benchmark tomograms (Å).")] = 15.0,

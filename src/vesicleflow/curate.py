@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CURATED_NAME = "vesicles.curated.csv"
 SOURCE_AUTO, SOURCE_ADDED, SOURCE_EDITED = "auto", "added", "edited"
 SOURCES = (SOURCE_AUTO, SOURCE_ADDED, SOURCE_EDITED)
-CURATED_COLUMNS = [*VESICLE_COLUMNS, "source"]
+CURATED_COLUMNS = [*VESICLE_COLUMNS, *([] if "source" in VESICLE_COLUMNS else ["source"])]
 #: ``outlier_reason`` that :func:`curated_spheres` gives automatic vesicles the curator removed.
 REMOVED_REASON = "removed_by_curator"
 DEFAULT_MAX_DIAMETER_NM = 100.0
@@ -46,6 +46,10 @@ DEFAULT_MIN_RADIUS_NM = 8.0
 N_RADIUS_GUESSES = 10
 #: The dip score compares the membrane shell with shells this far inside and outside it (nm).
 DIP_OFFSET_NM = 4.0
+#: A click finds no vesicle unless the best membrane is at least this dark (standard deviations of
+#: the smoothed neighbourhood). On simulated synapses (SNR 0.05-0.25) true vesicles score 0.8-2.7
+#: and clicks into cytoplasm away from vesicles score below 0.3 (rarely up to 0.7).
+MIN_MEMBRANE_DIP = 0.4
 #: Columns measured on the volumes by export; unknown (NaN) for vesicles placed or moved by hand.
 _VOLUME_MEASUREMENTS = ("membrane_intensity_sd", "lumen_intensity_sd", "mask_centre_distance_nm",
                         "mask_distance_nm")
@@ -105,7 +109,7 @@ def _refine(volume, fit: SphereFit, voxel_nm: float, bilayer_thickness_nm: float
 
 def fit_at_point(volume, point_zyx, voxel_nm: float, max_diameter_nm: float = DEFAULT_MAX_DIAMETER_NM,
                  min_radius_nm: float = DEFAULT_MIN_RADIUS_NM, bilayer_thickness_nm: float | None = 4.5,
-                 ) -> SphereFit | None:
+                 min_dip: float = MIN_MEMBRANE_DIP) -> SphereFit | None:
     """The vesicle around a clicked point: a sphere fitted to the tomogram, or None if none is found.
 
     ``point_zyx`` is a voxel position (original grid) anywhere inside the vesicle's membrane.
@@ -113,7 +117,7 @@ def fit_at_point(volume, point_zyx, voxel_nm: float, max_diameter_nm: float = DE
     seeded at the point with radius guesses from ``min_radius_nm`` to ``max_diameter_nm / 2``;
     solutions that stay around the point and within the radius range are refined to a fixed point
     and scored by :func:`membrane_dip` (all on one normalised box, so scores compare); the darkest
-    membrane wins.
+    membrane wins if its dip reaches ``min_dip``.
     """
     point = np.asarray(point_zyx, dtype=np.float64)
     max_radius_nm = max_diameter_nm / 2
@@ -146,7 +150,8 @@ def fit_at_point(volume, point_zyx, voxel_nm: float, max_diameter_nm: float = DE
                if plausible(fit)]
     if not refined:
         return None
-    return max(refined, key=score)
+    best = max(refined, key=score)
+    return best if score(best) >= min_dip else None
 
 
 # ----------------------------------------------------------------------------- table operations
@@ -467,7 +472,8 @@ def open_results(path: str | os.PathLike, results_dir: str | os.PathLike | None 
     ``tomogram.json`` names the tomogram and voxel size) or a bare tomogram (``.mrc``/``.rec``):
     then results go to ``results_dir`` (default ``./<dataset>/<tomo>``, i.e. the layout of an
     output folder when run from one; dataset = the tomogram's folder name). The table starts from
-    ``vesicles.curated.csv`` if present (resume), else ``vesicles.csv``, else empty.
+    ``vesicles.curated.csv`` if present (resume), else ``vesicles.csv``, else empty; both are looked
+    for in ``results_dir`` first, then in the results folder ``path``.
     """
     path = Path(path)
     info: dict = {}
@@ -480,6 +486,9 @@ def open_results(path: str | os.PathLike, results_dir: str | os.PathLike | None 
             raise InputError(f"{path}: no tomogram.json here (the workflow has not exported this tomogram); "
                              "name the tomogram with --tomogram, or pass the tomogram file instead")
         source = Path(source)
+        if not source.exists():
+            raise InputError(f"{path}: the tomogram {source} (from tomogram.json) is not there (paths in it are "
+                             "relative to where the workflow ran); name it with --tomogram")
         dataset, name = info.get("dataset") or path.resolve().parent.name, info.get("tomogram") or path.name
     elif path.exists():
         source = path
@@ -494,10 +503,13 @@ def open_results(path: str | os.PathLike, results_dir: str | os.PathLike | None 
                          "beside input tomograms: choose another --results-dir")
     override = voxel_size_angstrom if voxel_size_angstrom is not None else info.get("voxel_size_angstrom")
     voxel = read_tomogram_info(source, override).voxel_size_angstrom
-    if curated_path(folder):
-        table, started = read_curated(folder / CURATED_NAME), "curated"
-    elif (folder / "vesicles.csv").is_file():
-        table, started = as_curated(pd.read_csv(folder / "vesicles.csv", keep_default_na=False, na_values=[""],
+    places = [folder] + ([path] if path.is_dir() and path.resolve() != folder.resolve() else [])
+    curated = next((p / CURATED_NAME for p in places if curated_path(p)), None)
+    automatic = next((p / "vesicles.csv" for p in places if (p / "vesicles.csv").is_file()), None)
+    if curated:
+        table, started = read_curated(curated), "curated"
+    elif automatic:
+        table, started = as_curated(pd.read_csv(automatic, keep_default_na=False, na_values=[""],
                                                 dtype=dict.fromkeys(("dataset", "tomogram", "flags"), str))), \
             "automatic"
     else:

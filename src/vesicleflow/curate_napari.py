@@ -164,6 +164,7 @@ class CurationController:
             self.points.selected_data = set()
             self.points.data = coords
             self.points.features = pd.DataFrame({"vesicle_id": ids})
+            self.points.feature_defaults = {"vesicle_id": 0}
             if len(coords):
                 self.points.size = diameters
                 self.points.border_color = colours
@@ -202,7 +203,10 @@ class CurationController:
             return
         action = str(getattr(event, "action", "")).lower().rsplit(".", 1)[-1]
         if action == "added":
-            new = np.flatnonzero(self.points.features["vesicle_id"].to_numpy() <= 0)
+            n = len(self.points.data)
+            new = [i % n for i in (getattr(event, "data_indices", None) or ()) if -n <= i < n]
+            if not new:  # napari < 0.5 sends no indices: new points carry the default id 0
+                new = np.flatnonzero(self.points.features["vesicle_id"].to_numpy() <= 0).tolist()
             added = [self.place(self.points.data[index], refresh=False) for index in new]
             self.refresh(select_ids=[v for v in added if v is not None])
         elif action == "removed":
@@ -217,7 +221,7 @@ class CurationController:
             indices = [i for i in (getattr(event, "data_indices", None) or range(len(ids))) if 0 <= i < len(ids)]
             table = self.curation.table.set_index("vesicle_id")
             moves = {int(ids[i]): self.points.data[i] for i in indices
-                     if ids[i] > 0 and not np.allclose(table.loc[ids[i], ["z", "y", "x"]].to_numpy(float),
+                     if ids[i] in table.index and not np.allclose(table.loc[ids[i], ["z", "y", "x"]].to_numpy(float),
                                                        self.points.data[i])}
             if moves:
                 self.curation.move(moves)
@@ -429,6 +433,30 @@ def save_screenshot(viewer, path: str | Path, size: tuple[int, int] = (1500, 950
     return Path(path)
 
 
+def _ask_before_closing_unsaved(viewer, controller: CurationController) -> None:
+    """Closing the window with unsaved edits asks: save, discard or cancel."""
+    from qtpy.QtCore import QEvent, QObject
+    from qtpy.QtWidgets import QMessageBox
+
+    class CloseGuard(QObject):
+        def eventFilter(self, watched, event):  # noqa: N802 (Qt's name)
+            if event.type() != QEvent.Close or not controller.curation.unsaved:
+                return False
+            answer = QMessageBox.question(
+                watched, "vesicleflow curate", "Save the curated vesicles before closing?",
+                QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, QMessageBox.Save)
+            if answer == QMessageBox.Cancel:
+                event.ignore()
+                return True
+            if answer == QMessageBox.Save:
+                controller.save()
+            return False
+
+    window = viewer.window._qt_window
+    window._vesicleflow_close_guard = CloseGuard(window)  # keep a reference
+    window.installEventFilter(window._vesicleflow_close_guard)
+
+
 def run(inputs: CurationInputs, screenshot: str | Path | None = None, **session_options) -> None:
     """Open the curation viewer and block until it is closed; with ``screenshot``, render the
     window to that PNG and return instead (no interaction)."""
@@ -440,6 +468,7 @@ def run(inputs: CurationInputs, screenshot: str | Path | None = None, **session_
         save_screenshot(viewer, screenshot)
         viewer.close()
         return
+    _ask_before_closing_unsaved(viewer, controller)
     napari.run()
     if controller.curation.unsaved:
         log.warning("closed with unsaved changes: %s was not written", controller.results_dir / "vesicles.curated.csv")

@@ -293,8 +293,11 @@ def analysed_volume_um3(mask: str | Path | None, shape, voxel_nm: float) -> floa
 def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: str | Path,
                     out_dir: str | Path, dataset: str, name: str,
                     voxel_size_angstrom: float | None = None, mask: str | Path | None = None,
-                    probability: str | Path | None = None) -> pd.DataFrame:
+                    probability: str | Path | None = None, curated: str | Path | None = None) -> pd.DataFrame:
     """Write every per-tomogram result (see the module docstring) into ``out_dir``.
+
+    ``curated``: a ``vesicles.curated.csv`` (``vesicleflow curate``); when given, its vesicles
+    replace spherefit's accepted ones in every export (see :func:`vesicleflow.curate.curated_spheres`).
 
     ``probability``: the model-grid probability zarr; when given, ``probability.mrc`` is written too.
     """
@@ -305,6 +308,10 @@ def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: 
     voxel_nm = info.voxel_size_nm
     spheres = pd.read_csv(spheres_csv, keep_default_na=False, na_values=[""])
     spheres["outlier_reason"] = spheres["outlier_reason"].fillna("").astype(str)
+    if curated:
+        from vesicleflow.curate import curated_spheres, read_curated
+
+        spheres = curated_spheres(spheres, read_curated(curated), voxel_nm)
     table = vesicle_table(spheres, dataset, name, voxel_nm)
     volume = read_tomogram(tomogram)
     membrane, lumen = membrane_and_lumen_intensity(volume, table, voxel_nm)
@@ -319,7 +326,9 @@ def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: 
     labels_zarr = open_volume(labels_path)
     mapping = GridMapping.from_attrs(dict(labels_zarr.attrs)["grid"])
     label_to_id = np.zeros(int(labels_zarr.attrs.get("count", 0)) + 1, np.uint32)
-    label_to_id[table.attrs["source_labels"]] = table["vesicle_id"].to_numpy()
+    source_labels = table.attrs["source_labels"]
+    segmented = source_labels > 0  # vesicles placed by hand (curate) have no segmentation instance
+    label_to_id[source_labels[segmented]] = table["vesicle_id"].to_numpy()[segmented]
     write_label_mrc(out_dir / "labels.mrc", labels_zarr, mapping, label_to_id)
     write_sphere_label_mrc(out_dir / "sphere_labels.mrc", table, info.shape, info.voxel_size_angstrom,
                            info.origin_angstrom)
@@ -336,6 +345,7 @@ def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: 
         "voxel_size_angstrom": info.voxel_size_angstrom, "mask": str(mask) if mask else None,
         "analysed_volume_um3": analysed_volume_um3(mask, info.shape, voxel_nm),
         "n_vesicles": len(table), "n_rejected": int((spheres["outlier_reason"] != "").sum()),
+        "curated": str(curated) if curated else None,
         "n_flagged": int((table["flags"] != "").sum()), "mask_distance_subsampling": border_factor,
     })
     log.info("%s/%s: %d vesicles exported to %s", dataset, name, len(table), out_dir)

@@ -4,19 +4,21 @@ Windows are batched; on CUDA the forward pass runs in mixed precision; on a GPU 
 error the batch is halved and retried. Optional flip test-time augmentation averages the
 predictions of the window mirrored along x and y.
 
-Speed (see README, "Performance"; every change is checked against the plain per-window reference
-by tests/test_bench.py):
+Speed (README, "Performance"; tests/test_bench.py checks every change against the plain
+per-window reference: weights equal, probabilities within 1e-4, vesicle tables equal):
 
-- the network is prepared for inference once: each BatchNorm is folded into the convolution
-  before it and the weights and activations use the channels-last-3d memory layout (oneDNN's and
-  cuDNN's fast path). Probabilities differ from the unprepared network by float32 rounding only
-  (documented tolerance: 1e-4 absolute on probabilities; vesicle tables equal).
+- the network is rewritten once for inference (:class:`FastUNet`): each BatchNorm is folded into
+  the convolution before it; on the CPU each convolution and its ReLU run as one oneDNN operation;
+  the decoder's ``conv(cat(upsample(x), skip))`` becomes ``conv(skip) + upconv(x)`` (no
+  concatenated copy), where a nearest 2x upsampling followed by a 3x3x3 convolution is computed
+  exactly as one stride-2 transposed convolution with a 4x4x4 kernel (8 instead of 27
+  multiply-adds per output voxel and input channel, and no upsampled copy); tensors use the
+  channels-last-3d layout. The results differ from the plain network by float32 rounding only.
 - the input is read as z slabs of whole window height, each read (and decompressed) once, not
   window by window (a 64³ window not aligned to the 64³ zarr chunks touches up to 8 chunks).
-- ``sum(w*p)`` and ``sum(w)`` are accumulated with torch on the inference device when the
-  shard's box fits there (a GPU no longer waits for the CPU to add each window), else on the CPU.
-- shards are temporary: they are written without compression (zstd on float32 probabilities
-  costs seconds and saves little).
+- ``sum(w*p)`` and ``sum(w)`` are accumulated with numpy on the CPU, or with torch on the GPU
+  when the shard's box fits there (the GPU no longer waits for the CPU to add each window).
+- shards are temporary: they are written without compression.
 """
 
 from __future__ import annotations
@@ -66,6 +68,140 @@ def prepare_for_inference(net: nn.Module, channels_last: bool = True) -> nn.Modu
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     return net
+
+
+def upsample_conv_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Transposed-convolution kernel (in, out, 4, 4, 4) equal to nearest 2x upsampling followed by
+    the 3x3x3 convolution ``weight`` (out, in, 3, 3, 3), padding 1.
+
+    Along one axis, output 2i sees inputs i-1, i, i (taps w0, w1, w2) and output 2i+1 sees i, i,
+    i+1, so the upsampled convolution is a stride-2 transposed convolution (padding 1) with the
+    taps [w2, w1 + w2, w0 + w1, w0]; zero padding maps to zero padding. The 3D kernel is the
+    same rule applied along each axis.
+    """
+    kernel = weight
+    for axis in (2, 3, 4):
+        k = kernel.movedim(axis, -1)
+        k = torch.stack([k[..., 2], k[..., 1] + k[..., 2], k[..., 0] + k[..., 1], k[..., 0]], dim=-1)
+        kernel = k.movedim(-1, axis)
+    return kernel.transpose(0, 1).contiguous()
+
+
+def _block_convs(block: nn.Module) -> list[nn.Conv3d]:
+    """The convolutions of a prepared block (Conv3d, Identity, ReLU)*; ValueError if it is not one."""
+    layers = list(block)
+    convs = [m for m in layers if isinstance(m, nn.Conv3d)]
+    relus = [m for m in layers if isinstance(m, nn.ReLU)]
+    if (len(convs) != len(relus) or len(convs) + len(relus) + sum(isinstance(m, nn.Identity) for m in layers)
+            != len(layers) or any(not isinstance(a, nn.Conv3d) for a in layers[::3])):
+        raise ValueError(f"unexpected block {block}")
+    for conv in convs:
+        if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"unexpected convolution {conv}")
+    return convs
+
+
+class FastUNet(nn.Module):
+    """:class:`~vesicleflow.model.UNet3d` rewritten for inference (see the module docstring).
+
+    ``fused``: run conv + ReLU and conv + add + ReLU as single oneDNN operations (CPU only);
+    otherwise the same arithmetic with plain torch operations (any device, autocast, FLOP counting).
+    """
+
+    def __init__(self, net: nn.Module, fused: bool = True, channels_last: bool = True):
+        super().__init__()
+        arch = net.arch
+        prepared = prepare_for_inference(net, channels_last=False)
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.fused = fused
+        self.encoder = nn.ModuleList(nn.ModuleList(_block_convs(b)) for b in prepared.encoder)
+        self.bottom = nn.ModuleList(_block_convs(prepared.bottom))
+        self.decoder = nn.ModuleList(nn.ModuleList(_block_convs(b)[1:]) for b in prepared.decoder)
+        self.head = prepared.head
+        self.transposed = arch.upsample == "nearest" and arch.kernel_size == 3
+        self.mode = arch.upsample
+        self.up_weights, self.skip_weights, self.up_bias = [], [], []
+        for block, skip in zip(prepared.decoder, reversed([b[-1].out_channels for b in self.encoder])):
+            first = _block_convs(block)[0]
+            n_up = first.in_channels - skip
+            up = first.weight[:, :n_up]
+            up = upsample_conv_kernel(up) if self.transposed else up
+            self.up_weights.append(nn.Parameter(up.contiguous(memory_format=fmt), requires_grad=False))
+            self.skip_weights.append(nn.Parameter(first.weight[:, n_up:].contiguous(memory_format=fmt),
+                                                  requires_grad=False))
+            self.up_bias.append(nn.Parameter(first.bias.detach().clone(), requires_grad=False))
+        self.up_weights = nn.ParameterList(self.up_weights)
+        self.skip_weights = nn.ParameterList(self.skip_weights)
+        self.up_bias = nn.ParameterList(self.up_bias)
+        self.padding = arch.kernel_size // 2
+        self.to(memory_format=fmt)
+
+    def _conv_relu(self, x, conv: nn.Conv3d):
+        if self.fused:
+            return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding), [1, 1, 1],
+                                                           [1, 1, 1], 1, "relu", [], "")
+        return torch.relu_(conv(x))
+
+    def _conv_add_relu(self, skip, up, weight):
+        p = [self.padding] * 3
+        if self.fused:
+            return torch.ops.mkldnn._convolution_pointwise.binary(skip, up, weight, None, p, [1, 1, 1], [1, 1, 1], 1,
+                                                                  "add", None, "relu", [], "")
+        return torch.relu_(nn.functional.conv3d(skip, weight, None, padding=p).add_(up))
+
+    def _upconv(self, x, weight, bias):
+        if self.transposed:
+            return nn.functional.conv_transpose3d(x, weight, bias, stride=2, padding=1)
+        x = nn.functional.interpolate(x, scale_factor=2, mode=self.mode)
+        return nn.functional.conv3d(x, weight, bias, padding=self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            for conv in block:
+                x = self._conv_relu(x, conv)
+            skips.append(x)
+            x = nn.functional.max_pool3d(x, 2)
+        for conv in self.bottom:
+            x = self._conv_relu(x, conv)
+        for block, skip, up_w, skip_w, up_b in zip(self.decoder, reversed(skips), self.up_weights,
+                                                   self.skip_weights, self.up_bias):
+            x = self._conv_add_relu(skip, self._upconv(x, up_w, up_b), skip_w)
+            for conv in block:
+                x = self._conv_relu(x, conv)
+        return self.head(x)
+
+
+def _fused_ops_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def inference_network(net: nn.Module, device: torch.device) -> tuple[nn.Module, str]:
+    """The fastest exact-to-rounding form of ``net`` for ``device``, and its name.
+
+    The rewrite is checked once on a small random input against the plain network; any failure
+    or difference above 1e-3 in the logits falls back to the next simpler form (fused CPU ops ->
+    plain-op rewrite -> BatchNorm folding only)."""
+    net = net.eval()
+    candidates = []
+    if device.type == "cpu" and _fused_ops_available():
+        candidates.append(("fast-fused", lambda: FastUNet(net, fused=True)))
+    candidates.append(("fast", lambda: FastUNet(net, fused=False)))
+    side = 2 * net.arch.divisor
+    probe = torch.randn(1, net.arch.in_channels, side, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = net(probe.to(device)).float()
+        for name, build in candidates:
+            try:
+                candidate = build().to(device)
+                got = candidate(probe.to(device).contiguous(memory_format=torch.channels_last_3d)).float()
+                if float((got - expected).abs().max()) <= 1e-3:
+                    return candidate, name
+                log.warning("inference rewrite %s differs from the network; not used", name)
+            except (RuntimeError, ValueError, AttributeError, TypeError, NotImplementedError) as err:
+                log.info("inference rewrite %s unavailable (%s)", name, str(err).splitlines()[0] if str(err) else err)
+    return prepare_for_inference(net).to(device), "folded"
 
 
 def _pad_window(data: np.ndarray, window: int) -> np.ndarray:
@@ -145,6 +281,33 @@ def _accumulator_device(device: torch.device, box_shape) -> torch.device:
     return device if need <= DEVICE_ACCUMULATOR_SHARE * free else torch.device("cpu")
 
 
+class _Accumulator:
+    """sum(w*p) and sum(w) over a box: numpy arrays on the CPU (fastest there), torch tensors on a GPU."""
+
+    def __init__(self, box_shape, weights: np.ndarray, device: torch.device):
+        self.on_cpu = device.type == "cpu"
+        if self.on_cpu:
+            self.weighted, self.weight_sum = np.zeros(box_shape, np.float32), np.zeros(box_shape, np.float32)
+            self.weights = weights
+        else:
+            self.weighted = torch.zeros(box_shape, dtype=torch.float32, device=device)
+            self.weight_sum = torch.zeros(box_shape, dtype=torch.float32, device=device)
+            self.weights = torch.from_numpy(weights).to(device)
+        self.device = device
+
+    def add(self, local, crop, probability) -> None:
+        if self.on_cpu:
+            probability = probability.numpy() if isinstance(probability, torch.Tensor) else probability
+        w = self.weights[crop]
+        self.weighted[local] += probability[crop] * w
+        self.weight_sum[local] += w
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.on_cpu:
+            return self.weighted, self.weight_sum
+        return self.weighted.cpu().numpy(), self.weight_sum.cpu().numpy()
+
+
 def _write_shard(output, weighted: np.ndarray, weight_sum: np.ndarray, attrs: dict) -> None:
     """The shard: two float32 zarr arrays ``weighted`` and ``weight`` with the box in their attrs
     (read by stitch); uncompressed, as it is temporary."""
@@ -172,19 +335,16 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
     torch.manual_seed(0)
     dev = pick_device(device)
     net, _ = load_model(model, dev)
-    net = prepare_for_inference(net)
+    net, form = inference_network(net, dev)
     volume = open_volume(normalized)
     window = plan["window"]
     start, stop = shard_box(plan, shard)
     box_shape = [b - a for a, b in zip(start, stop)]
-    acc_dev = _accumulator_device(dev, box_shape)
-    weights = torch.from_numpy(gaussian_importance(window)).to(acc_dev)
-    weighted = torch.zeros(box_shape, dtype=torch.float32, device=acc_dev)
-    weight_sum = torch.zeros(box_shape, dtype=torch.float32, device=acc_dev)
+    acc = _Accumulator(box_shape, gaussian_importance(window), _accumulator_device(dev, box_shape))
     origins = [plan["windows"][i] for i in plan["shards"][shard]]
     reader = _SlabReader(volume, window, start, stop)
-    log.info("shard %d: %d windows of %d³ on %s (batch %d, tta %s, accumulating on %s)", shard, len(origins),
-             window, dev, batch_size, tta, acc_dev)
+    log.info("shard %d: %d windows of %d³ on %s (network %s, batch %d, tta %s, accumulating on %s)", shard,
+             len(origins), window, dev, form, batch_size, tta, acc.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     began = time.perf_counter()
@@ -194,15 +354,13 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         t0 = time.perf_counter()
         batch = np.stack([reader.window_at(o) for o in chunk])
         t1 = time.perf_counter()
-        probabilities = _predict_with_backoff(net, batch, dev, tta, channels_last=True).to(acc_dev)
+        probabilities = _predict_with_backoff(net, batch, dev, tta, channels_last=True).to(acc.device)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t2 = time.perf_counter()
         for origin, prob in zip(chunk, probabilities):
             local = tuple(slice(o - s, min(o + window, e) - s) for o, s, e in zip(origin, start, stop))
-            crop = tuple(slice(0, sl.stop - sl.start) for sl in local)
-            weighted[local] += prob[crop] * weights[crop]
-            weight_sum[local] += weights[crop]
+            acc.add(local, tuple(slice(0, sl.stop - sl.start) for sl in local), prob)
         t3 = time.perf_counter()
         read_s, forward_s, accumulate_s = read_s + t1 - t0, forward_s + t2 - t1, accumulate_s + t3 - t2
         done = min(first + batch_size, len(origins))
@@ -210,9 +368,9 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
             log.info("shard %d: %d/%d windows, %.1f s", shard, done, len(origins), time.perf_counter() - began)
     t0 = time.perf_counter()
     attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard}
-    _write_shard(output, weighted.cpu().numpy(), weight_sum.cpu().numpy(), attrs)
+    _write_shard(output, *acc.arrays(), attrs)
     stats = {"windows": len(origins), "window": window, "batch_size": batch_size, "device": str(dev),
-             "box_voxels": int(np.prod(box_shape)), "read_s": round(read_s, 3),
+             "network": form, "box_voxels": int(np.prod(box_shape)), "read_s": round(read_s, 3),
              "forward_s": round(forward_s, 3), "accumulate_s": round(accumulate_s, 3),
              "write_s": round(time.perf_counter() - t0, 3), "total_s": round(time.perf_counter() - started, 3)}
     if dev.type == "cuda":

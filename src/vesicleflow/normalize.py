@@ -34,12 +34,15 @@ def antialias_sigma(zoom: float) -> float:
 
 
 def slab_planes(mapping: GridMapping, sigma_in: float, budget_bytes: int | None = None) -> int:
-    """Output planes per step such that the float32 input block stays within ``budget_bytes``."""
+    """Output planes per step: as many as keep the float32 input block within ``budget_bytes``, but
+    at least enough that each block reads as many new planes as halo planes (so no input plane is
+    read, and smoothed, more than about twice however large the planes are)."""
     budget_bytes = BLOCK_BYTES if budget_bytes is None else budget_bytes
     plane_bytes = 4 * mapping.original_shape[1] * mapping.original_shape[2]
     halo_in = 2 * (int(np.ceil(4 * sigma_in)) + 3)
-    input_planes = budget_bytes // plane_bytes - halo_in
-    return int(np.clip(np.floor(input_planes * mapping.zoom), 1, SLAB_PLANES))
+    within_budget = np.floor(max(budget_bytes // plane_bytes - halo_in, 0) * mapping.zoom)
+    amortized = np.ceil(halo_in * mapping.zoom)
+    return int(np.clip(max(within_budget, amortized), 1, SLAB_PLANES))
 
 
 class _RawRange:
@@ -63,18 +66,18 @@ def _resample_slab(volume, mapping: GridMapping, out_start: int, out_stop: int, 
     halo_in = int(np.ceil(4 * sigma_in)) + 2
     lo_in = max(0, int(np.floor(z_src.min())) - halo_in)
     hi_in = min(volume.shape[0], int(np.ceil(z_src.max())) + halo_in + 1)
-    block = np.asarray(volume[lo_in:hi_in], dtype=np.float32)
-    finite = np.isfinite(block)
-    if not finite.all():
-        bad = int(np.size(finite) - np.count_nonzero(finite))
-        first = lo_in + int(np.argwhere(~finite)[0][0])
-        raise InputError(f"{bad} NaN or Inf voxel value(s), the first in z plane {first}; replace them "
-                         "(e.g. by the mean) before running")
-    del finite
+    block = np.asarray(volume[lo_in:hi_in], dtype=np.float32)  # MrcVolume reads a private copy
+    if not block.flags.writeable:  # filtered in place below
+        block = block.copy()
+    for k, plane in enumerate(block):  # plane by plane: no volume-sized temporary
+        if not np.isfinite(plane).all():
+            bad = int(block.size - np.count_nonzero(np.isfinite(block)))
+            raise InputError(f"{bad} NaN or Inf voxel value(s), the first in z plane {lo_in + k}; replace them "
+                             "(e.g. by the mean) before running")
     if raw_range is not None:
         raw_range.update(block)
     if sigma_in > 0:
-        block = ndimage.gaussian_filter(block, sigma_in, mode="nearest")
+        ndimage.gaussian_filter(block, sigma_in, mode="nearest", output=block)
     coords = [z_src - lo_in] + [mapping.model_to_original(np.arange(n)) for n in n_out[1:]]
     out = block
     for axis, positions in enumerate(coords):

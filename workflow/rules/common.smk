@@ -32,14 +32,18 @@ wildcard_constraints:
     shard=r"\d+",
 
 
-def check_output_outside_input(input_dir, output_dir):
-    """Nothing is ever written into input_dir: refuse an output_dir inside it."""
-    inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
-    if out == inp or inp in out.parents:
-        raise WorkflowError(
-            f"output_dir {output_dir!r} is inside input_dir {input_dir!r}; nothing may be written "
-            "into the input folder (and results there would be taken for datasets): choose another output_dir"
-        )
+def check_output_outside_input(input_dir, output_dir, datasets=()):
+    """Nothing is ever written into input_dir: refuse an output_dir (or a dataset's results folder,
+    <output_dir>/<dataset>) inside it."""
+    inp = Path(input_dir).resolve()
+    for target in [Path(output_dir), *(Path(output_dir, name) for name in datasets)]:
+        resolved = target.resolve()
+        if resolved == inp or inp in resolved.parents:
+            raise WorkflowError(
+                f"output_dir {output_dir!r} puts results in {str(target)!r}, inside input_dir "
+                f"{input_dir!r}; nothing may be written into the input folder (and results there "
+                "would be taken for datasets): choose another output_dir"
+            )
 
 
 def discover_tomograms(input_dir, patterns, mask_suffix):
@@ -82,10 +86,11 @@ def discover_tomograms(input_dir, patterns, mask_suffix):
 
 
 check_output_outside_input(config["input_dir"], config["output_dir"])
-
-
 TOMOGRAMS = discover_tomograms(
     config["input_dir"], config["tomogram_patterns"], config["mask_suffix"]
+)
+check_output_outside_input(
+    config["input_dir"], config["output_dir"], {dataset for dataset, _ in TOMOGRAMS}
 )
 
 
@@ -122,6 +127,17 @@ def model_dir_of(wildcards, input):
 
 def tomogram_dir(dataset, tomo):
     return f"{OUT}/{dataset}/{tomo}"
+
+
+def curated_table(wildcards):
+    """A hand-curated table (`vesicleflow curate`) beside the results replaces spherefit's vesicles.
+
+    Being an input, its appearance, change (mtime) or removal re-runs export and aggregate only.
+    """
+    path = (
+        Path(tomogram_dir(wildcards.dataset, wildcards.tomo)) / "vesicles.curated.csv"
+    )
+    return [str(path)] if path.is_file() else []
 
 
 def tomogram_mb(wildcards):
@@ -167,9 +183,9 @@ def mrc_header_geometry(path):
         with open(path, "rb") as handle:
             head = handle.read(1024)
         for order in "<>":
-            nx, ny, nz, mode = struct.unpack(order + "4i", head[:16])
-            mx = struct.unpack(order + "i", head[28:32])[0]
-            xlen = struct.unpack(order + "f", head[40:44])[0]
+            nx, ny, nz, mode = struct.unpack(f"{order}4i", head[:16])
+            mx = struct.unpack(f"{order}i", head[28:32])[0]
+            xlen = struct.unpack(f"{order}f", head[40:44])[0]
             if all(0 < n < 2**24 for n in (nx, ny, nz)) and mode in MRC_ITEMSIZE:
                 voxel = xlen / mx if mx > 0 and math.isfinite(xlen) else 0.0
                 return (nz, ny, nx), voxel
@@ -199,9 +215,14 @@ def _stage_mb(stage, shape, model_shape):
     model_plane_mb = 4 * model_shape[1] * model_shape[2] / MB
     zoom = model_shape[1] / shape[1]
     if stage == "normalize":
-        # slabs of input planes: 32 MB, or (1/zoom + smoothing halo) planes if more
-        block_mb = max(32.0, (1 / zoom + 12) * plane_mb)
-        return 450 + 6 * block_mb + 3 * 64 * model_plane_mb
+        # z slabs of input planes (as normalize.slab_planes): 32 MB, or more when planes are large
+        sigma = max(0.0, (1 / zoom - 1) / 2)
+        halo = 2 * (math.ceil(4 * sigma) + 3)
+        n_out = max(
+            math.floor(max(32 / plane_mb - halo, 0) * zoom), math.ceil(halo * zoom)
+        )
+        block_mb = (min(max(n_out, 1), 32) / zoom + halo) * plane_mb
+        return 450 + 3 * max(block_mb, 32.0) + 3 * 64 * model_plane_mb
     if stage == "tile":
         return 500
     if stage == "infer":

@@ -19,6 +19,7 @@ rule export:
         tomogram=tomogram_path,
         mask=mask_path,
         probability=rules.stitch.output[0] if PROBABILITY_MRC else [],
+        curated=curated_table,
     output:
         **(
             {"probability": f"{OUT}/{{dataset}}/{{tomo}}/probability.mrc"}
@@ -61,7 +62,10 @@ rule export:
             if input.probability
             else ""
         ),
+        curated=lambda wildcards, input: (
+            f"--curated {shlex.quote(str(input.curated))}" if input.curated else ""
+        ),
     shell:
         "vesicleflow export {input.spheres:q} {input.labels:q} {input.tomogram:q} "
         "{params.out_dir:q} --dataset {wildcards.dataset:q} --name {wildcards.tomo:q} "
-        "{params.voxel_size} {params.mask} {params.probability} 2> {log:q}"
+        "{params.voxel_size} {params.mask} {params.probability} {params.curated} 2> {log:q}"
