@@ -42,8 +42,13 @@ bench-accuracy: $(STAMP)
 # Retrain the bundled model's recipe into models/trained (see README, "The model").
 TRAIN_DATA := build/train-data
 train: $(STAMP)
-	$(BIN)/vesicleflow simulate $(TRAIN_DATA) --datasets 6 --tomograms 4 --shape 64 192 192 --seed 1000
-	$(BIN)/vesicleflow train $(TRAIN_DATA) -o models/trained --epochs 30 --steps-per-epoch 40 --learning-rate 3e-3
+	$(BIN)/vesicleflow simulate $(TRAIN_DATA)/a --datasets 6 --tomograms 4 --shape 64 192 192 --seed 1000
+	$(BIN)/vesicleflow simulate $(TRAIN_DATA)/b --datasets 8 --tomograms 3 --shape 64 192 192 --seed 2000 \
+		--voxel-size-nm 1.0 --voxel-size-nm 1.2 --voxel-size-nm 1.4 --voxel-size-nm 1.7 \
+		--voxel-size-nm 2.0 --voxel-size-nm 2.3 --voxel-size-nm 2.6 --voxel-size-nm 2.8
+	$(BIN)/vesicleflow train $(TRAIN_DATA)/a -o models/stage1 --epochs 17 --steps-per-epoch 40 --learning-rate 3e-3
+	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/b -o models/trained --init models/stage1 \
+		--epochs 16 --steps-per-epoch 40 --learning-rate 1.5e-3 --seed 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

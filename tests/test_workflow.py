@@ -21,7 +21,7 @@ from vesicleflow.simulate import simulate_tomogram, write_simulation
 pytestmark = pytest.mark.slow
 
 TOMOGRAMS = {  # dataset, name: (shape, voxel size nm, seed)
-    ("fine", "cell 1"): ((56, 176, 176), 1.4, 11),
+    ("fine", "cell 1"): ((64, 176, 176), 1.6, 11),
     ("coarse", "tomo_b"): ((48, 128, 144), 2.2, 12),
 }
 
