@@ -25,7 +25,7 @@ from vesicleflow.volumes import create_volume, read_full
 
 SHAPE = (200, 512, 512)
 VOXEL_ANGSTROM = 10.0  # a 4x-binned tomogram; the model grid (20 Å) is 100 x 256 x 256
-N_VESICLES = 150
+N_VESICLES = 80
 
 
 def synthetic_synapse(shape, voxel_angstrom, n_vesicles, seed=0):

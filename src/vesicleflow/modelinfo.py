@@ -88,7 +88,10 @@ class ModelInfo:
             info = cls(**raw)
         except (KeyError, TypeError) as err:
             raise ModelError(f"{source}: metadata does not match this code ({err})") from err
-        info.architecture.validate()
+        try:
+            info.architecture.validate()
+        except ModelError as err:
+            raise ModelError(f"{source}: {err}") from None
         if not 3.0 <= float(info.voxel_size_angstrom) <= 100.0:
             raise ModelError(f"{source}: implausible model voxel size {info.voxel_size_angstrom} Å")
         if info.preprocessing.zscore not in ("robust", "mean_std"):

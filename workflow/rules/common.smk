@@ -212,7 +212,6 @@ def _stage_mb(stage, shape, model_shape):
     plane_mb = 4 * shape[1] * shape[2] / MB  # one original plane as float32
     volume_mb = 4 * math.prod(shape) / MB  # the original grid as float32 (memory maps)
     model_mb = 4 * math.prod(model_shape) / MB  # the model grid as float32
-    model_plane_mb = 4 * model_shape[1] * model_shape[2] / MB
     zoom = model_shape[1] / shape[1]
     if stage == "normalize":
         # z slabs of input planes (as normalize.slab_planes): 32 MB, or more when planes are large
@@ -222,7 +221,7 @@ def _stage_mb(stage, shape, model_shape):
             math.floor(max(32 / plane_mb - halo, 0) * zoom), math.ceil(halo * zoom)
         )
         block_mb = (min(max(n_out, 1), 32) / zoom + halo) * plane_mb
-        return 450 + 3 * max(block_mb, 32.0) + 3 * 64 * model_plane_mb
+        return 550 + 2 * max(block_mb, 32.0)
     if stage == "tile":
         return 500
     if stage == "infer":
@@ -240,7 +239,7 @@ def _stage_mb(stage, shape, model_shape):
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
         block_voxels = min(math.prod(model_shape), max(16 * MB, (8 + 2 * halo) ** 3))
-        return 450 + 64 * block_voxels / MB + 2 * 64 * model_plane_mb
+        return 450 + 64 * block_voxels / MB + 200
     if stage == "spherefit":
         # the model-grid labels in memory + the pages of the tomogram's memory map it touches
         return 500 + 1.1 * volume_mb + 2.5 * model_mb
