@@ -121,6 +121,16 @@ def _planes_per_pass(shape, bytes_per_voxel: int, budget_bytes: int = 64 * 2**20
     return int(np.clip(budget_bytes // (bytes_per_voxel * shape[1] * shape[2]), 1, DEFAULT_CHUNKS[0]))
 
 
+def _chunk_blocks(shape, bytes_per_voxel: int, budget_bytes: int = 64 * 2**20):
+    """Boxes of whole zarr chunks (64 planes x bands of 64-row multiples) within ``budget_bytes``."""
+    chunk_z, chunk_y = DEFAULT_CHUNKS[0], DEFAULT_CHUNKS[1]
+    rows = budget_bytes // (bytes_per_voxel * min(chunk_z, shape[0]) * shape[2])
+    rows = shape[1] if rows >= shape[1] else max(chunk_y, rows // chunk_y * chunk_y)
+    for z0, z1 in z_slabs(shape[0], chunk_z):
+        for y0, y1 in z_slabs(shape[1], rows):
+            yield slice(z0, z1), slice(y0, y1)
+
+
 def _check_mask(mask_path: str | Path, mapping: GridMapping):
     mask = open_mrc_volume(mask_path, what="mask")
     if tuple(mask.shape) != tuple(mapping.original_shape):
@@ -205,8 +215,8 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
         with atomic_output(output) as tmp:
             target = create_volume(tmp, shape, dtype, attrs={**attrs, "count": count,
                                                              "mask": str(mask) if mask else None})
-            for z0, z1 in z_slabs(shape[0], _planes_per_pass(shape, 8)):
-                target[z0:z1] = renumber[np.asarray(work[z0:z1])].astype(dtype)
+            for box in _chunk_blocks(shape, bytes_per_voxel=8):
+                target[box] = renumber[np.asarray(work[box])].astype(dtype)
     log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels)",
              n_maxima, count, min_radius_nm, max_radius_nm, n_blocks, core, halo)
     return count
