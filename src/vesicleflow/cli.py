@@ -34,7 +34,7 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from vesicleflow.io import InputError
-        from vesicleflow.model import ModelError
+        from vesicleflow.modelinfo import ModelError
 
         try:
             return command(*args, **kwargs)
