@@ -509,7 +509,13 @@ def scaling(tomograms: list[dict]) -> dict:
             result["stages"][stage] = {
                 "wall_s": fit_exponent(voxels, [r["wall_s"] for r in rows]),
                 "peak_rss_mb": fit_exponent(voxels, [r["peak_rss_mb"] for r in rows])}
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+
+    def rounded(value):
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return round(value, 3) if isinstance(value, float) else value
+
+    return rounded(result)
 
 
 def check_targets(report: dict) -> dict:
