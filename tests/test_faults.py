@@ -188,7 +188,7 @@ def stage_inputs(good_tomogram, model_copy, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, after_s", [("normalize", 0.1), ("infer", 0.0), ("stitch", 0.0),
+@pytest.mark.parametrize("stage, after_s", [("normalize", 0.0), ("infer", 0.0), ("stitch", 0.0),
                                             ("postprocess", 0.0)])
 def test_a_killed_stage_leaves_no_output_and_reruns_to_identical_results(stage, after_s, stage_inputs, tmp_path):
     """SIGKILL while the output is being written: nothing at the output path (its temporary is
@@ -199,12 +199,10 @@ def test_a_killed_stage_leaves_no_output_and_reruns_to_identical_results(stage, 
     args = [target if a == reference else a for a in commands[stage]]
     killed = _kill_while_writing(_cli(*args), target, after_s)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.tmp-")]
-    if killed:
-        assert not target.exists(), "a killed writer left something at the output path"
-    else:  # finished before the kill: the output must then be complete
-        assert _volume_bytes(target) == _volume_bytes(reference)
-    if stage == "normalize":
-        assert killed and leftovers, "the kill should land while the volume is being written"
+    if target.exists():  # only if the kill came after the final rename: then it must be complete
+        assert _volume_bytes(target) == _volume_bytes(reference), "a killed writer left a partial output"
+    if stage == "normalize":  # writing takes long enough here that the kill lands mid-write
+        assert killed and leftovers and not target.exists()
     from typer.testing import CliRunner
 
     from vesicleflow.cli import app
