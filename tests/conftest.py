@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,16 @@ def mixed_run(good_tomogram, model_copy, tmp_path_factory):
     after = tree_snapshot(root / "input")
     return {"root": root, "results": root / "results", "input": data, "result": result, "config": config,
             "before": before, "after": after}
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Rule -> job count from Snakemake's 'Job stats' table, without the target rule `all`
+    (empty when nothing is to be done)."""
+    if "Job stats:" not in output:
+        return {}
+    counts = {}
+    for line in output.split("Job stats:")[-1].splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) not in ("total", "all"):
+            counts[match.group(1)] = int(match.group(2))
+    return counts

@@ -5,7 +5,6 @@ that repeats only export and aggregate."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, cli_env, run_snakemake_isolated, shell_volume, tree_snapshot
+from conftest import REPO, cli_env, planned_jobs, run_snakemake_isolated, shell_volume, tree_snapshot
 
 from vesicleflow import curate
 from vesicleflow.curate import (
@@ -479,19 +478,6 @@ def test_real_window_renders_a_screenshot(tmp_path, synapse):
 
 
 # ------------------------------------------- end to end: a curated table drives export + aggregate
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """Rule -> job count from Snakemake's 'Job stats' table, without the target rule `all`
-    (empty when nothing is to be done)."""
-    if "Job stats:" not in output:
-        return {}
-    counts = {}
-    for line in output.split("Job stats:")[-1].splitlines():
-        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if match and match.group(1) not in ("total", "all"):
-            counts[match.group(1)] = int(match.group(2))
-    return counts
-
 
 @pytest.mark.slow
 def test_curated_table_drives_exports_and_statistics_after_rerun(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, planned_jobs
 
 from vesicleflow.evaluate import evaluate_results
 from vesicleflow.export import VESICLE_COLUMNS
@@ -30,16 +29,6 @@ def run_snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=1200)
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """Rule -> job count from Snakemake's 'Job stats' table (dry run)."""
-    counts = {}
-    for line in output.split("Job stats:")[-1].splitlines():
-        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if match and match.group(1) not in ("total", "all"):
-            counts[match.group(1)] = int(match.group(2))
-    return counts
 
 
 @pytest.fixture(scope="module")

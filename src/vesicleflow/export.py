@@ -26,6 +26,7 @@ from scipy.spatial import cKDTree
 from vesicleflow import formats
 from vesicleflow.grid import GridMapping, nearest_source_indices
 from vesicleflow.io import read_tomogram, read_tomogram_info, write_json, write_table
+from vesicleflow.spherefit import fibonacci_directions
 from vesicleflow.volumes import open_volume
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ FLAG_RADIUS_OUTLIER = "radius_outlier"  # radius beyond 1.5 IQR of the tomogram'
 MASK_EDT_MAX_VOXELS = 8 * 2**20
 #: Planes sampled (evenly in z) for the tomogram's intensity mean and standard deviation.
 REFERENCE_PLANES = 16
-#: Rays closer than this to the z axis are skipped when sampling membranes (missing wedge).
-MAX_RAY_Z = 0.8
 
 
 def nearest_neighbour_distances(centres_nm: np.ndarray) -> np.ndarray:
@@ -137,16 +136,6 @@ def intensity_reference(volume, planes: int = REFERENCE_PLANES) -> tuple[float, 
     return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0)) or 1.0
 
 
-def _shell_directions(n: int = 256) -> np.ndarray:
-    """Near-uniform unit vectors (z, y, x) outside the missing-wedge cone around z."""
-    i = np.arange(n) + 0.5
-    z = 1 - 2 * i / n
-    theta = np.pi * (1 + 5**0.5) * i
-    rho = np.sqrt(1 - z**2)
-    directions = np.stack([z, rho * np.sin(theta), rho * np.cos(theta)], axis=1)
-    return directions[np.abs(directions[:, 0]) <= MAX_RAY_Z]
-
-
 def membrane_and_lumen_intensity(volume, table: pd.DataFrame, voxel_nm: float) -> tuple[np.ndarray, np.ndarray]:
     """Per vesicle: mean intensity on the membrane mid-surface and inside the lumen, in standard
     deviations from the tomogram's mean (negative = darker than average = denser, for unflipped data).
@@ -159,7 +148,7 @@ def membrane_and_lumen_intensity(volume, table: pd.DataFrame, voxel_nm: float) -
     if n == 0:
         return membrane, lumen
     mean, sd = intensity_reference(volume)
-    directions = _shell_directions()
+    directions = fibonacci_directions(256)
     shape = np.array(volume.shape)
     centres = table[["z", "y", "x"]].to_numpy(dtype=np.float64)
     mid = table["membrane_radius_nm"].to_numpy(dtype=np.float64)
