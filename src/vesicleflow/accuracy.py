@@ -45,19 +45,20 @@ def summarize_by_dataset(scores: pd.DataFrame) -> pd.DataFrame:
         tp, n_true, n_det = group["true_positives"].sum(), group["n_true"].sum(), group["n_detected"].sum()
         precision = tp / n_det if n_det else 1.0
         recall = tp / n_true if n_true else 1.0
-        weights = group["true_positives"].to_numpy()
-
-        def pooled(column):
-            values = group[column].to_numpy()
-            ok = weights > 0
-            return float(np.average(values[ok], weights=weights[ok])) if ok.any() else float("nan")
-
         rows.append({
             "case": dataset, "tomograms": len(group), "n_true": int(n_true), "n_detected": int(n_det),
             "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "centre_error_nm": pooled("centre_error_nm"), "radius_abs_error_nm": pooled("radius_abs_error_nm"),
-            "radius_bias_nm": pooled("radius_bias_nm"),
+            "centre_error_nm": _pooled(group, "centre_error_nm"),
+            "radius_abs_error_nm": _pooled(group, "radius_abs_error_nm"),
+            "radius_bias_nm": _pooled(group, "radius_bias_nm"),
             "false_positives_per_tomogram": group["false_positives"].mean(),
         })
     return pd.DataFrame(rows)
+
+
+def _pooled(group: pd.DataFrame, column: str) -> float:
+    """Mean of a per-tomogram error weighted by each tomogram's matched vesicles."""
+    weights = group["true_positives"].to_numpy()
+    ok = weights > 0
+    return float(np.average(group[column].to_numpy()[ok], weights=weights[ok])) if ok.any() else float("nan")

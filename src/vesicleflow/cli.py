@@ -196,7 +196,8 @@ def evaluate(results_dir: Path, truth_dir: Path,
 
 @app.command()
 @user_errors
-def train(data_dirs: Annotated[list[Path], typer.Argument(help="Folders from `vesicleflow simulate` (tomograms/ + truth/).")],
+def train(data_dirs: Annotated[list[Path], typer.Argument(
+              help="Folders from `vesicleflow simulate` (tomograms/ + truth/).")],
           output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write.")],
           init: Model = None, epochs: int = 20, steps_per_epoch: int = 50, batch_size: int = 2,
           patch: int = 48, learning_rate: float = 2e-3, seed: int = 0, device: str = "auto") -> None:

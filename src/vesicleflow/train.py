@@ -136,8 +136,9 @@ def _validation_scores(net, examples: list[Example], device, patch: int) -> dict
     net.train()
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"val_dice": soft_num / soft_den if soft_den else 0.0, "val_precision": precision,
-            "val_recall": recall, "val_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+            "val_recall": recall, "val_f1": f1}
 
 
 def plot_training_log(history: pd.DataFrame, path: Path) -> None:
