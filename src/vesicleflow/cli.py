@@ -101,16 +101,18 @@ def postprocess(probability: Path, output: Path, threshold: float = 0.5,
 @app.command()
 @user_errors
 def spherefit(labels: Path, tomogram: Path, output: Path, voxel_size_angstrom: VoxelSize = None,
-              min_radius_nm: float = 8.0, max_radius_nm: float = 60.0, min_contrast: float = 0.2,
+              min_radius_nm: float = 8.0, max_radius_nm: float = 60.0, min_contrast: float = 0.6,
               min_fit_score: float = 0.5, overlap_tolerance_nm: float = 2.0,
               bilayer_thickness_nm: Annotated[float, typer.Option(
                   help="Outer radius = membrane mid radius + half this; 0 = use the measured thickness.")] = 4.5,
+              trusted_contrast: Annotated[float, typer.Option(
+                  help="Membrane darkness at which a fit is kept even where it left the segmentation's guess.")] = 1.5,
               ) -> None:
     """Fit a sphere to every candidate on the original tomogram; flag outliers."""
     from vesicleflow.spherefit import fit_spheres
 
     fit_spheres(labels, tomogram, output, voxel_size_angstrom, min_radius_nm, max_radius_nm,
-                min_contrast, min_fit_score, overlap_tolerance_nm, bilayer_thickness_nm)
+                min_contrast, min_fit_score, overlap_tolerance_nm, bilayer_thickness_nm, trusted_contrast)
 
 
 @app.command()
@@ -150,6 +152,16 @@ def simulate(out_dir: Path, datasets: int = 2, tomograms: int = 2,
 
     simulate_tree(out_dir, n_datasets=datasets, n_tomograms=tomograms, shape=shape, seed=seed,
                   voxel_sizes_nm=voxel_size_nm)
+    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+
+
+@app.command("training-set")
+def training_set(out_dir: Path, tomograms: int = 48, seed: int = 0,
+                 shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (96, 192, 192)) -> None:
+    """Write a varied simulated training set (standard, crowded, low-SNR and vesicle-free tomograms)."""
+    from vesicleflow.simulate import simulate_training_set
+
+    simulate_training_set(out_dir, tomograms, shape, seed)
     typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
 
 

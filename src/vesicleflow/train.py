@@ -73,7 +73,8 @@ def load_example(tomogram: Path, labels: Path, voxel_size_angstrom: float, prep:
     return Example(f"{tomogram.parent.name}/{tomogram.stem}", read_full(normalized), target)
 
 
-def _random_patch(example: Example, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _random_patch(example: Example, patch: int, rng: np.random.Generator,
+                  foreground_fraction: float = FOREGROUND_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     shape = np.array(example.image.shape)
     padded_image, padded_target = example.image, example.target
     if (shape < patch).any():
@@ -81,7 +82,7 @@ def _random_patch(example: Example, patch: int, rng: np.random.Generator) -> tup
         padded_image = np.pad(example.image, pad, mode="reflect")
         padded_target = np.pad(example.target, pad, mode="constant")
         shape = np.array(padded_image.shape)
-    if rng.random() < FOREGROUND_FRACTION and padded_target.any():
+    if rng.random() < foreground_fraction and padded_target.any():
         points = np.argwhere(padded_target[::4, ::4, ::4]) * 4
         centre = points[rng.integers(len(points))]
         start = np.clip(centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1, 3), 0, shape - patch)
@@ -114,6 +115,30 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prob = torch.sigmoid(logits)
     intersection = (prob * target).sum()
     return 1 - (2 * intersection + 1) / (prob.sum() + target.sum() + 1)
+
+
+def recalibrate_batchnorm(net: torch.nn.Module, examples: list[Example], device, rng: np.random.Generator,
+                          batches: int = 16, batch_size: int = 4, patch: int = 64) -> None:
+    """Re-estimate BatchNorm's running statistics from whole-tomogram-like input.
+
+    Training batches are small, augmented and drawn mostly around vesicles, so the running averages
+    BatchNorm keeps during training describe those batches, not a normalized tomogram; inference
+    with them missed clearly visible vesicles. Averaging over uniformly drawn, unaugmented patches
+    (as inference sees them) fixes the statistics without changing any learned weight.
+    """
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches below
+    net.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            images = [_random_patch(examples[rng.integers(len(examples))], patch, rng, foreground_fraction=0.0)[0]
+                      for _ in range(batch_size)]
+            net(torch.from_numpy(np.stack(images)[:, None]).to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def _validation_scores(net, examples: list[Example], device, patch: int) -> dict:
@@ -204,6 +229,7 @@ def train_model(data_dirs: list[Path], output: Path, init: str | Path | None = N
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
+        recalibrate_batchnorm(net, training, dev, rng)
         scores = _validation_scores(net, validation, dev, patch)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **scores,
                         "seconds": time.perf_counter() - began})
