@@ -2,7 +2,9 @@
 
 Works slab by slab over z, reading only the input planes each slab needs (no memory map), so peak
 memory is a few slabs, not the volume: the number of output planes per slab shrinks as the input's
-planes grow, keeping the input block under :data:`BLOCK_BYTES`.
+planes grow, keeping the input block under :data:`BLOCK_BYTES`. Resampled slabs go to a raw scratch
+file (model-grid size, deleted at the end); the z-scored volume is then written to the zarr in whole
+chunk rows, so no compressed chunk is encoded twice.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import numpy as np
 from scipy import ndimage
 
 from vesicleflow.grid import GridMapping
-from vesicleflow.io import InputError, atomic_output, open_mrc_volume, read_tomogram_info
+from vesicleflow.io import InputError, atomic_output, open_mrc_volume, read_tomogram_info, scratch_dir
 from vesicleflow.modelinfo import Preprocessing, load_model_info
-from vesicleflow.volumes import create_volume, open_volume, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, z_slabs
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 SLAB_PLANES = 32
 #: Budget for one step's input block (float32, planes + smoothing halo); peak memory is a few times this.
 BLOCK_BYTES = 32 * 2**20
+#: Budget for one block written to the zarr (float32); 64 planes of 1024 x 1024 fit.
+WRITE_BYTES = 256 * 2**20
 #: Samples used for the robust (median / MAD) statistics.
 STATISTICS_SAMPLES = 4_000_000
 
@@ -100,6 +104,11 @@ def _linear_resample_axis(block: np.ndarray, positions: np.ndarray, axis: int) -
     return np.take(block, low, axis=axis) * (1 - frac) + np.take(block, high, axis=axis) * frac
 
 
+def _chunk_planes(shape) -> int:
+    """Planes per zarr write: whole chunk rows (64 planes), fewer only if they exceed :data:`WRITE_BYTES`."""
+    return int(np.clip(WRITE_BYTES // (4 * shape[1] * shape[2]), 1, DEFAULT_CHUNKS[0]))
+
+
 def _model_planes(shape) -> int:
     """Model-grid planes per pass over the written volume: whole zarr chunks (64) within the budget."""
     plane_bytes = 8 * shape[1] * shape[2]  # float64 statistics
@@ -158,25 +167,30 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
     sigma_in = antialias_sigma(mapping.zoom)
     planes = slab_planes(mapping, sigma_in)
     raw_range = _RawRange()
-    with atomic_output(output) as tmp:
-        array = create_volume(tmp, mapping.model_shape, "float32")
+    with scratch_dir(output) as scratch, atomic_output(output) as tmp:
+        # Resampled slabs go to a raw scratch file first: slabs are thinner than a zarr chunk, and
+        # writing them into the compressed zarr would re-encode each chunk once per slab.
+        resampled = np.lib.format.open_memmap(scratch / "resampled.npy", mode="w+", dtype=np.float32,
+                                              shape=mapping.model_shape)
         try:
             for start, stop in z_slabs(mapping.model_shape[0], planes):
-                array[start:stop] = _resample_slab(volume, mapping, start, stop, sigma_in,
-                                                   prep.gaussian_sigma_voxels, raw_range)
+                resampled[start:stop] = _resample_slab(volume, mapping, start, stop, sigma_in,
+                                                       prep.gaussian_sigma_voxels, raw_range)
         except InputError as err:
             raise InputError(f"{info.path}: {err}") from None
         if raw_range.low == raw_range.high:
             raise InputError(f"{info.path}: the volume is constant (every voxel is {raw_range.low:g}, standard "
                              "deviation 0); is it an empty or placeholder file?")
-        centre, scale = _statistics(array, prep.zscore)
+        centre, scale = _statistics(resampled, prep.zscore)
         if not scale > 1e-6 * max(1.0, abs(centre)):
             raise InputError(f"{info.path}: the volume is nearly constant (standard deviation {scale:g} around "
                              f"{centre:g}); nothing to detect")
-        for start, stop in z_slabs(mapping.model_shape[0], _model_planes(mapping.model_shape)):
-            array[start:stop] = (np.asarray(array[start:stop]) - centre) / scale
+        array = create_volume(tmp, mapping.model_shape, "float32")
+        for start, stop in z_slabs(mapping.model_shape[0], _chunk_planes(mapping.model_shape)):
+            array[start:stop] = (resampled[start:stop] - centre) / scale
         array.attrs.update({"grid": mapping.to_attrs(), "zscore_centre": centre, "zscore_scale": scale,
                             "zscore": prep.zscore, "source": str(info.path)})
+        del resampled
     return Path(output)
 
 

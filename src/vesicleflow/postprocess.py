@@ -44,22 +44,36 @@ def segment_block(foreground: np.ndarray, voxel_size_nm: float, min_radius_nm: f
     """Watershed split of a binary block: (labels 1..n, peaks (n, 3) in (z, y, x) order, inscribed radii nm).
 
     Label i + 1 grows from ``peaks[i]``; ``inscribed[i]`` is its largest distance to background.
+    Each connected component is split within its own bounding box (plus one voxel), so the cost
+    follows the foreground, not the block: most of a tomogram is cytosol.
     """
-    distance_nm = ndimage.distance_transform_edt(foreground, sampling=voxel_size_nm).astype(np.float32)
     components, _ = ndimage.label(foreground)
-    peaks = peak_local_max(distance_nm, min_distance=_min_distance_voxels(voxel_size_nm, min_radius_nm,
-                                                                          min_separation_nm),
-                           threshold_abs=0.5 * min_radius_nm, labels=components, exclude_border=False)
+    min_distance = _min_distance_voxels(voxel_size_nm, min_radius_nm, min_separation_nm)
+    labels = np.zeros(foreground.shape, np.int32)
+    all_peaks, all_inscribed, n_so_far = [], [], 0
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, foreground.shape))
+        obj = components[box] == index
+        distance_nm = ndimage.distance_transform_edt(obj, sampling=voxel_size_nm).astype(np.float32)
+        peaks = peak_local_max(distance_nm, min_distance=min_distance, threshold_abs=0.5 * min_radius_nm,
+                               labels=obj.view(np.uint8), exclude_border=False).reshape(-1, 3)
+        if not len(peaks):
+            continue
+        markers = np.zeros(obj.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        local = watershed(-distance_nm, markers, mask=obj)
+        all_inscribed.append(ndimage.maximum(distance_nm, local, index=np.arange(1, len(peaks) + 1)))
+        all_peaks.append(peaks + np.array([s.start for s in box]))
+        labels[box][obj] = local[obj] + n_so_far
+        n_so_far += len(peaks)
     del components
-    peaks = peaks.reshape(-1, foreground.ndim)
-    peaks = peaks[np.lexsort(peaks.T[::-1])] if len(peaks) else peaks
-    markers = np.zeros(foreground.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-distance_nm, markers, mask=foreground)
-    del markers
-    inscribed = np.asarray(ndimage.maximum(distance_nm, labels, index=np.arange(1, len(peaks) + 1)),
-                           dtype=np.float64).reshape(-1)
-    return labels, peaks, inscribed
+    peaks = np.concatenate(all_peaks) if all_peaks else np.zeros((0, 3), np.int64)
+    inscribed = (np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in all_inscribed])
+                 if all_inscribed else np.zeros(0))
+    order = np.lexsort(peaks.T[::-1]) if len(peaks) else np.zeros(0, np.int64)
+    renumber = np.zeros(len(peaks) + 1, np.int32)
+    renumber[order + 1] = np.arange(1, len(peaks) + 1)
+    return renumber[labels], peaks[order], inscribed[order]
 
 
 def separate_instances(foreground: np.ndarray, voxel_size_nm: float, min_radius_nm: float,

@@ -229,9 +229,14 @@ def resolve_overlaps(table: pd.DataFrame, voxel_nm: float, tolerance_nm: float) 
 
 def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Path,
                 voxel_size_angstrom: float | None = None, min_radius_nm: float = 8.0,
-                max_radius_nm: float = 60.0, min_contrast: float = 0.2, min_fit_score: float = 0.5,
-                overlap_tolerance_nm: float = 2.0, bilayer_thickness_nm: float | None = 4.5) -> pd.DataFrame:
+                max_radius_nm: float = 60.0, min_contrast: float = 0.6, min_fit_score: float = 0.5,
+                overlap_tolerance_nm: float = 2.0, bilayer_thickness_nm: float | None = 4.5,
+                trusted_contrast: float = 1.5) -> pd.DataFrame:
     """Fit every candidate, flag outliers (``outlier_reason``), and write the table as CSV.
+
+    A fit that moved far from the segmentation's guess is an outlier unless its membrane is at
+    least ``trusted_contrast`` dark: a weak or partial probability blob gives a poor guess, and a
+    clear bilayer measured on the tomogram itself is the better evidence.
 
     Coordinates (z, y, x) are 0-based voxel indices of the original tomogram.
     """
@@ -252,7 +257,7 @@ def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Pat
         else:
             row.update(asdict(fit), outlier_reason=_outlier_reason(fit, guess, cand.guess_radius_nm, voxel_nm,
                                                                    min_radius_nm, max_radius_nm,
-                                                                   min_contrast, min_fit_score))
+                                                                   min_contrast, min_fit_score, trusted_contrast))
         rows.append(row)
     columns = ["label", "guess_z", "guess_y", "guess_x", "guess_radius_nm", *SphereFit.__dataclass_fields__,
                "outlier_reason"]
@@ -267,11 +272,12 @@ def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Pat
 
 def _outlier_reason(fit: SphereFit, guess: np.ndarray, guess_radius_nm: float, voxel_nm: float,
                     min_radius_nm: float, max_radius_nm: float, min_contrast: float,
-                    min_fit_score: float) -> str:
+                    min_fit_score: float, trusted_contrast: float) -> str:
     shift_nm = np.linalg.norm(np.array([fit.z, fit.y, fit.x]) - guess) * voxel_nm
     if not min_radius_nm <= fit.radius_nm <= max_radius_nm:
         return "radius_out_of_range"
-    if shift_nm > 0.5 * guess_radius_nm or abs(fit.radius_nm - guess_radius_nm) > 0.5 * guess_radius_nm:
+    disagrees = shift_nm > 0.5 * guess_radius_nm or abs(fit.radius_nm - guess_radius_nm) > 0.5 * guess_radius_nm
+    if disagrees and fit.membrane_contrast < trusted_contrast:
         return "disagrees_with_segmentation"
     if fit.membrane_contrast < min_contrast:
         return "low_contrast"

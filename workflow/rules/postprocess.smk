@@ -40,6 +40,7 @@ rule spherefit:
         min_radius=config["postprocess"]["min_radius_nm"],
         max_radius=config["postprocess"]["max_radius_nm"],
         min_contrast=config["spherefit"]["min_contrast"],
+        trusted_contrast=config["spherefit"]["trusted_contrast"],
         min_fit_score=config["spherefit"]["min_fit_score"],
         overlap_tolerance=config["spherefit"]["overlap_tolerance_nm"],
         bilayer=config["spherefit"]["bilayer_thickness_nm"] or 0,
@@ -55,5 +56,6 @@ rule spherefit:
     shell:
         "vesicleflow spherefit {input.labels:q} {input.tomogram:q} {output:q} {params.voxel_size} "
         "--min-radius-nm {params.min_radius} --max-radius-nm {params.max_radius} "
-        "--min-contrast {params.min_contrast} --min-fit-score {params.min_fit_score} "
+        "--min-contrast {params.min_contrast} --trusted-contrast {params.trusted_contrast} "
+        "--min-fit-score {params.min_fit_score} "
         "--overlap-tolerance-nm {params.overlap_tolerance} --bilayer-thickness-nm {params.bilayer} 2> {log:q}"
