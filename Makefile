@@ -47,8 +47,11 @@ train: $(STAMP)
 		--voxel-size-nm 1.0 --voxel-size-nm 1.2 --voxel-size-nm 1.4 --voxel-size-nm 1.7 \
 		--voxel-size-nm 2.0 --voxel-size-nm 2.3 --voxel-size-nm 2.6 --voxel-size-nm 2.8
 	$(BIN)/vesicleflow train $(TRAIN_DATA)/a -o models/stage1 --epochs 17 --steps-per-epoch 40 --learning-rate 3e-3
-	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/b -o models/trained --init models/stage1 \
+	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/b -o models/stage2 --init models/stage1 \
 		--epochs 16 --steps-per-epoch 40 --learning-rate 1.5e-3 --seed 1
+	$(BIN)/vesicleflow training-set $(TRAIN_DATA)/c --tomograms 60 --seed 31
+	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/c -o models/trained --init models/stage2 \
+		--epochs 30 --steps-per-epoch 50 --learning-rate 1e-3 --seed 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

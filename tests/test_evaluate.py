@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+import mrcfile
+import numpy as np
 import pandas as pd
 import pytest
 
-from vesicleflow.accuracy import summarize_by_dataset
+from vesicleflow.accuracy import CASES, SUITE_SEED, summarize_by_dataset, write_accuracy_suite
 from vesicleflow.evaluate import match_vesicles
 
 
@@ -49,3 +53,17 @@ def test_pooling_weights_tomograms_by_their_vesicles():
     assert pooled["precision"] == pytest.approx(36 / 38)
     assert pooled["centre_error_nm"] == pytest.approx((9 * 1.0 + 27 * 2.0) / 36)
     assert pooled["false_positives_per_tomogram"] == 1.0
+
+
+def test_accuracy_suite_cases_cover_the_same_volume_with_held_out_seeds(tmp_path):
+    write_accuracy_suite(tmp_path, tomograms_per_case=1, shape=(32, 112, 112))
+    assert {p.name for p in (tmp_path / "tomograms").iterdir()} == set(CASES)
+    extents = []
+    for case, (voxel_nm, _) in CASES.items():
+        params = json.loads((tmp_path / "truth" / case / "tomo_01_params.json").read_text())
+        assert params["seed"] >= SUITE_SEED and params["voxel_size_nm"] == voxel_nm
+        with mrcfile.open(tmp_path / "tomograms" / case / "tomo_01.mrc") as mrc:
+            extents.append(np.array(mrc.data.shape) * voxel_nm)
+        truth = pd.read_csv(tmp_path / "truth" / case / "tomo_01_vesicles.csv")
+        assert truth.empty == (case == "empty")
+    assert np.ptp(extents, axis=0).max() <= 1.6  # the fine case has more voxels, not a thinner slab

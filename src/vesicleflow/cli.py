@@ -107,12 +107,14 @@ def spherefit(labels: Path, tomogram: Path, output: Path, voxel_size_angstrom: V
                   help="Outer radius = membrane mid radius + half this; 0 = use the measured thickness.")] = 4.5,
               trusted_contrast: Annotated[float, typer.Option(
                   help="Membrane darkness at which a fit is kept even where it left the segmentation's guess.")] = 1.5,
+              workers: Annotated[int, typer.Option(help="Processes fitting candidates in parallel.")] = 1,
               ) -> None:
     """Fit a sphere to every candidate on the original tomogram; flag outliers."""
     from vesicleflow.spherefit import fit_spheres
 
     fit_spheres(labels, tomogram, output, voxel_size_angstrom, min_radius_nm, max_radius_nm,
-                min_contrast, min_fit_score, overlap_tolerance_nm, bilayer_thickness_nm, trusted_contrast)
+                min_contrast, min_fit_score, overlap_tolerance_nm, bilayer_thickness_nm, trusted_contrast,
+                max(1, workers))
 
 
 @app.command()
@@ -166,7 +168,7 @@ def training_set(out_dir: Path, tomograms: int = 48, seed: int = 0,
 
 
 @app.command("accuracy-suite")
-def accuracy_suite(out_dir: Path, tomograms_per_case: int = 3,
+def accuracy_suite(out_dir: Path, tomograms_per_case: int = 5,
                    shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (64, 256, 256)) -> None:
     """Write the held-out simulated accuracy suite (standard, crowded, low_snr, fine, empty)."""
     from vesicleflow.accuracy import write_accuracy_suite

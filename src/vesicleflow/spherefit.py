@@ -227,38 +227,65 @@ def resolve_overlaps(table: pd.DataFrame, voxel_nm: float, tolerance_nm: float) 
     return flagged
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(tomogram: str, grid_attrs: dict, voxel_nm: float, settings: dict) -> None:
+    """Per-process state: the memory-mapped tomogram and the fit settings."""
+    _WORKER.update(volume=read_tomogram(tomogram), mapping=GridMapping.from_attrs(grid_attrs),
+                   voxel_nm=voxel_nm, **settings)
+
+
+def _fit_candidate(cand: tuple) -> dict:
+    """One row of spheres.csv for a candidate (label, mz, my, mx, guess_radius_nm)."""
+    w = _WORKER
+    label, mz, my, mx, guess_radius_nm = cand
+    guess = w["mapping"].model_to_original(np.array([mz, my, mx]))
+    fit = fit_sphere(w["volume"], guess, guess_radius_nm, w["voxel_nm"], w["bilayer_thickness_nm"])
+    row = {"label": label, "guess_z": guess[0], "guess_y": guess[1], "guess_x": guess[2],
+           "guess_radius_nm": guess_radius_nm}
+    if fit is None:
+        row.update({k: np.nan for k in SphereFit.__dataclass_fields__}, outlier_reason="fit_failed")
+    else:
+        row.update(asdict(fit), outlier_reason=_outlier_reason(
+            fit, guess, guess_radius_nm, w["voxel_nm"], w["min_radius_nm"], w["max_radius_nm"],
+            w["min_contrast"], w["min_fit_score"], w["trusted_contrast"]))
+    return row
+
+
 def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Path,
                 voxel_size_angstrom: float | None = None, min_radius_nm: float = 8.0,
                 max_radius_nm: float = 60.0, min_contrast: float = 0.6, min_fit_score: float = 0.5,
                 overlap_tolerance_nm: float = 2.0, bilayer_thickness_nm: float | None = 4.5,
-                trusted_contrast: float = 1.5) -> pd.DataFrame:
+                trusted_contrast: float = 1.5, workers: int = 1) -> pd.DataFrame:
     """Fit every candidate, flag outliers (``outlier_reason``), and write the table as CSV.
 
     A fit that moved far from the segmentation's guess is an outlier unless its membrane is at
     least ``trusted_contrast`` dark: a weak or partial probability blob gives a poor guess, and a
-    clear bilayer measured on the tomogram itself is the better evidence.
+    clear bilayer measured on the tomogram itself is the better evidence. Candidates are fitted
+    independently, by ``workers`` processes (the table does not depend on their number).
 
     Coordinates (z, y, x) are 0-based voxel indices of the original tomogram.
     """
     labels_zarr = open_volume(labels_path)
-    mapping = GridMapping.from_attrs(dict(labels_zarr.attrs)["grid"])
+    grid_attrs = dict(labels_zarr.attrs)["grid"]
+    model_voxel_nm = GridMapping.from_attrs(grid_attrs).model_voxel_size_angstrom / 10
     info = read_tomogram_info(tomogram, voxel_size_angstrom)
     voxel_nm = info.voxel_size_nm
-    volume = read_tomogram(tomogram)
-    candidates = candidates_from_labels(np.asarray(labels_zarr[...]), mapping.model_voxel_size_angstrom / 10)
-    rows = []
-    for cand in candidates.itertuples(index=False):
-        guess = mapping.model_to_original(np.array([cand.mz, cand.my, cand.mx]))
-        fit = fit_sphere(volume, guess, cand.guess_radius_nm, voxel_nm, bilayer_thickness_nm)
-        row = {"label": cand.label, "guess_z": guess[0], "guess_y": guess[1], "guess_x": guess[2],
-               "guess_radius_nm": cand.guess_radius_nm}
-        if fit is None:
-            row.update({k: np.nan for k in SphereFit.__dataclass_fields__}, outlier_reason="fit_failed")
-        else:
-            row.update(asdict(fit), outlier_reason=_outlier_reason(fit, guess, cand.guess_radius_nm, voxel_nm,
-                                                                   min_radius_nm, max_radius_nm,
-                                                                   min_contrast, min_fit_score, trusted_contrast))
-        rows.append(row)
+    candidates = candidates_from_labels(np.asarray(labels_zarr[...]), model_voxel_nm)
+    settings = {"min_radius_nm": min_radius_nm, "max_radius_nm": max_radius_nm, "min_contrast": min_contrast,
+                "min_fit_score": min_fit_score, "trusted_contrast": trusted_contrast,
+                "bilayer_thickness_nm": bilayer_thickness_nm}
+    init_args = (str(tomogram), grid_attrs, voxel_nm, settings)
+    work = list(candidates.itertuples(index=False, name=None))
+    if workers > 1 and len(work) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, init_args) as pool:
+            rows = pool.map(_fit_candidate, work, chunksize=max(1, len(work) // (8 * workers)))
+    else:
+        _init_worker(*init_args)
+        rows = [_fit_candidate(cand) for cand in work]
     columns = ["label", "guess_z", "guess_y", "guess_x", "guess_radius_nm", *SphereFit.__dataclass_fields__,
                "outlier_reason"]
     table = pd.DataFrame(rows, columns=columns)

@@ -106,8 +106,9 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> 
         image = image - ndimage.gaussian_filter(image, rng.uniform(3.0, 8.0))
     if rng.random() < 0.5:
         image = image + rng.normal(0, rng.uniform(0.1, 0.8), image.shape).astype(np.float32)
+    # No per-patch re-standardisation: inference sees the whole tomogram's robust z-score, under which
+    # a patch's spread varies (a membrane-rich or high-SNR patch has a larger one); training must too.
     image = image * rng.uniform(0.7, 1.4) + rng.uniform(-0.3, 0.3)
-    image = (image - image.mean()) / (image.std() + 1e-6)
     return image, np.ascontiguousarray(target)
 
 

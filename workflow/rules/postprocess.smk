@@ -48,6 +48,7 @@ rule spherefit:
         f"{OUT}/logs/spherefit/{{dataset}}/{{tomo}}.log",
     benchmark:
         f"{OUT}/benchmarks/spherefit/{{dataset}}/{{tomo}}.tsv"
+    threads: 2
     resources:
         mem_mb=memory_mb(1000, 0.5),
         runtime=runtime_min(10, 20),
@@ -58,4 +59,5 @@ rule spherefit:
         "--min-radius-nm {params.min_radius} --max-radius-nm {params.max_radius} "
         "--min-contrast {params.min_contrast} --trusted-contrast {params.trusted_contrast} "
         "--min-fit-score {params.min_fit_score} "
-        "--overlap-tolerance-nm {params.overlap_tolerance} --bilayer-thickness-nm {params.bilayer} 2> {log:q}"
+        "--overlap-tolerance-nm {params.overlap_tolerance} --bilayer-thickness-nm {params.bilayer} "
+        "--workers {threads} 2> {log:q}"
