@@ -104,6 +104,40 @@ def _linear_resample_axis(block: np.ndarray, positions: np.ndarray, axis: int) -
     return np.take(block, low, axis=axis) * (1 - frac) + np.take(block, high, axis=axis) * frac
 
 
+class _PlaneFile:
+    """A float32 volume in a raw scratch file, written and read by z planes with plain file I/O.
+
+    Not a memory map: a map's touched pages count towards the process's RSS (and a cluster job's
+    memory limit) until written back, which for a large tomogram is the whole model grid.
+    """
+
+    def __init__(self, path: Path, shape):
+        self.shape = tuple(int(n) for n in shape)
+        self.plane_items = self.shape[1] * self.shape[2]
+        self.handle = open(path, "w+b")  # noqa: SIM115 (closed by close(), after the second pass)
+
+    def write(self, start: int, planes: np.ndarray) -> None:
+        self.handle.seek(start * self.plane_items * 4)
+        np.ascontiguousarray(planes, dtype=np.float32).tofile(self.handle)
+
+    def _read(self, start: int, n_planes: int) -> np.ndarray:
+        self.handle.seek(start * self.plane_items * 4)
+        return np.fromfile(self.handle, np.float32, n_planes * self.plane_items).reshape(n_planes, *self.shape[1:])
+
+    def __getitem__(self, key) -> np.ndarray:
+        """``[z0:z1:step, ...]``: the planes are read from the file, the other indices applied after."""
+        key = key if isinstance(key, tuple) else (key,)
+        first, stop, step = key[0].indices(self.shape[0])
+        if step == 1:
+            block = self._read(first, max(stop - first, 0))
+        else:
+            block = np.concatenate([self._read(z, 1) for z in range(first, stop, step)] or [self._read(first, 0)])
+        return block[(slice(None), *key[1:])]
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def _chunk_planes(shape) -> int:
     """Planes per zarr write: whole chunk rows (64 planes), fewer only if they exceed :data:`WRITE_BYTES`."""
     return int(np.clip(WRITE_BYTES // (4 * shape[1] * shape[2]), 1, DEFAULT_CHUNKS[0]))
@@ -170,12 +204,11 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
     with scratch_dir(output) as scratch, atomic_output(output) as tmp:
         # Resampled slabs go to a raw scratch file first: slabs are thinner than a zarr chunk, and
         # writing them into the compressed zarr would re-encode each chunk once per slab.
-        resampled = np.lib.format.open_memmap(scratch / "resampled.npy", mode="w+", dtype=np.float32,
-                                              shape=mapping.model_shape)
+        resampled = _PlaneFile(scratch / "resampled.f32", mapping.model_shape)
         try:
             for start, stop in z_slabs(mapping.model_shape[0], planes):
-                resampled[start:stop] = _resample_slab(volume, mapping, start, stop, sigma_in,
-                                                       prep.gaussian_sigma_voxels, raw_range)
+                resampled.write(start, _resample_slab(volume, mapping, start, stop, sigma_in,
+                                                      prep.gaussian_sigma_voxels, raw_range))
         except InputError as err:
             raise InputError(f"{info.path}: {err}") from None
         if raw_range.low == raw_range.high:
@@ -190,7 +223,7 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
             array[start:stop] = (resampled[start:stop] - centre) / scale
         array.attrs.update({"grid": mapping.to_attrs(), "zscore_centre": centre, "zscore_scale": scale,
                             "zscore": prep.zscore, "source": str(info.path)})
-        del resampled
+        resampled.close()
     return Path(output)
 
 

@@ -30,8 +30,8 @@ from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, z_sl
 
 log = logging.getLogger(__name__)
 
-#: Most voxels in one haloed block; segmentation needs about 55 bytes per voxel at its peak.
-BLOCK_VOXELS = 16 * 2**20
+#: Most voxels in one haloed block; segmentation needs about 26 bytes per voxel at its peak.
+BLOCK_VOXELS = 32 * 2**20
 
 
 def _min_distance_voxels(voxel_size_nm: float, min_radius_nm: float, min_separation_nm: float | None) -> int:

@@ -144,15 +144,6 @@ def tomogram_mb(wildcards):
     return os.path.getsize(TOMOGRAMS[(wildcards.dataset, wildcards.tomo)]) / 2**20
 
 
-def memory_mb(base_mb, per_tomogram_mb):
-    """mem_mb as a function of the input tomogram's file size, growing with each retry."""
-
-    def mem_mb(wildcards, attempt):
-        return int((base_mb + per_tomogram_mb * tomogram_mb(wildcards)) * attempt)
-
-    return mem_mb
-
-
 # ------------------------------------------------------------------------------------------------
 # Calibrated memory per stage (tests/test_memory.py measures every stage's peak RSS against these).
 # Every stage works in bounded blocks, so memory depends on the size of a tomogram's planes and on
@@ -235,14 +226,15 @@ def _stage_mb(stage, shape, model_shape):
         block_mb = max(32.0, 64 * 64 * 4 * model_shape[2] / MB)
         return 450 + 5 * block_mb
     if stage == "postprocess":
-        # one haloed block (at most 16 Mi voxels unless the halo needs more) at ~60 bytes a voxel
+        # one haloed block (at most 32 Mi voxels unless the halo needs more) at ~30 bytes a voxel
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
-        block_voxels = min(math.prod(model_shape), max(16 * MB, (8 + 2 * halo) ** 3))
-        return 450 + 64 * block_voxels / MB + 200
+        block_voxels = min(math.prod(model_shape), max(32 * MB, (8 + 2 * halo) ** 3))
+        return 450 + 32 * block_voxels / MB + 200
     if stage == "spherefit":
-        # the model-grid labels in memory + the pages of the tomogram's memory map it touches
-        return 500 + 1.1 * volume_mb + 2.5 * model_mb
+        # the model-grid labels in memory + the pages of the tomogram's memory map it touches,
+        # + a second worker process (the rule's 2 threads)
+        return 800 + 1.1 * volume_mb + 2.5 * model_mb
     if stage == "export":
         # the tomogram's memory map + label volumes written on the original grid (uint16)
         return 600 + 1.1 * volume_mb + 0.5 * volume_mb + 2.5 * model_mb

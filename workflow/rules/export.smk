@@ -51,7 +51,7 @@ rule export:
     conda:
         "../../envs/vesicleflow.yaml"
     resources:
-        mem_mb=memory_mb(1000, 0.2),
+        mem_mb=stage_memory_mb("export"),
         runtime=runtime_min(10, 10),
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.vesicles),

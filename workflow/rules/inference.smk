@@ -18,7 +18,7 @@ rule tile:
     benchmark:
         f"{OUT}/benchmarks/tile/{{dataset}}/{{tomo}}.tsv"
     resources:
-        mem_mb=500,
+        mem_mb=stage_memory_mb("tile"),
         runtime=5,
     conda:
         "../../envs/vesicleflow.yaml"
@@ -45,7 +45,7 @@ rule infer:
     benchmark:
         f"{OUT}/benchmarks/infer/{{dataset}}/{{tomo}}/shard_{{shard}}.tsv"
     resources:
-        mem_mb=memory_mb(2500, 1.0),
+        mem_mb=stage_memory_mb("infer"),
         runtime=runtime_min(30, 60),
     conda:
         "../../envs/vesicleflow-gpu.yaml"
@@ -68,7 +68,7 @@ rule stitch:
     benchmark:
         f"{OUT}/benchmarks/stitch/{{dataset}}/{{tomo}}.tsv"
     resources:
-        mem_mb=memory_mb(1000, 0.3),
+        mem_mb=stage_memory_mb("stitch"),
         runtime=runtime_min(10, 10),
     conda:
         "../../envs/vesicleflow.yaml"

@@ -19,7 +19,7 @@ rule postprocess:
     benchmark:
         f"{OUT}/benchmarks/postprocess/{{dataset}}/{{tomo}}.tsv"
     resources:
-        mem_mb=memory_mb(1000, 1.0),
+        mem_mb=stage_memory_mb("postprocess"),
         runtime=runtime_min(10, 20),
     conda:
         "../../envs/vesicleflow.yaml"
@@ -50,7 +50,7 @@ rule spherefit:
         f"{OUT}/benchmarks/spherefit/{{dataset}}/{{tomo}}.tsv"
     threads: 2
     resources:
-        mem_mb=memory_mb(1000, 0.5),
+        mem_mb=stage_memory_mb("spherefit"),
         runtime=runtime_min(10, 20),
     conda:
         "../../envs/vesicleflow.yaml"

@@ -12,7 +12,7 @@ rule normalize:
     benchmark:
         f"{OUT}/benchmarks/normalize/{{dataset}}/{{tomo}}.tsv"
     resources:
-        mem_mb=memory_mb(1000, 0.3),
+        mem_mb=stage_memory_mb("normalize"),
         runtime=runtime_min(10, 10),
     conda:
         "../../envs/vesicleflow.yaml"
