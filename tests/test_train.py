@@ -13,7 +13,7 @@ from conftest import VENV_BIN, cli_env
 
 from vesicleflow.model import Architecture, UNet3d, load_model
 from vesicleflow.simulate import TRAINING_REGIMES, simulate_training_set
-from vesicleflow.train import Example, recalibrate_batchnorm
+from vesicleflow.train import Example, augment, recalibrate_batchnorm
 
 SMALL = (32, 64, 64)
 
@@ -73,3 +73,16 @@ def test_train_cli_writes_a_loadable_model_a_log_and_a_plot(training_set, tmp_pa
     with torch.no_grad():
         prob = torch.sigmoid(net(torch.zeros(1, 1, 16, 16, 16)))
     assert torch.isfinite(prob).all()
+
+
+def test_augmentation_keeps_dtype_and_labels_and_varies_contrast_widely():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(16, 24, 24)).astype(np.float32)
+    target = np.zeros(image.shape, bool)
+    target[4:9, 5:12, 6:10] = True
+    spreads = []
+    for _ in range(40):
+        augmented, labels = augment(image, target, rng)
+        assert augmented.dtype == np.float32 and labels.dtype == bool and labels.sum() == target.sum()
+        spreads.append(float(augmented.std()))
+    assert max(spreads) / min(spreads) > 2.0  # not re-standardised per patch

@@ -212,7 +212,9 @@ def _stage_mb(stage, shape, model_shape):
             math.floor(max(32 / plane_mb - halo, 0) * zoom), math.ceil(halo * zoom)
         )
         block_mb = (min(max(n_out, 1), 32) / zoom + halo) * plane_mb
-        return 550 + 2 * max(block_mb, 32.0)
+        # + the z-scored write of up to 64 model-grid planes (normalize.WRITE_BYTES: 256 MB)
+        write_mb = min(64 * 4 * model_shape[1] * model_shape[2] / MB, 256.0)
+        return 550 + 2 * max(block_mb, 32.0) + 2.5 * write_mb
     if stage == "tile":
         return 500
     if stage == "infer":
