@@ -50,10 +50,8 @@ train: $(STAMP)
 	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/b -o models/stage2 --init models/stage1 \
 		--epochs 16 --steps-per-epoch 40 --learning-rate 1.5e-3 --seed 1
 	$(BIN)/vesicleflow training-set $(TRAIN_DATA)/c --tomograms 60 --seed 31
-	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/c -o models/stage3 --init models/stage2 \
-		--epochs 11 --steps-per-epoch 50 --learning-rate 1e-3 --seed 3
-	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/c -o models/trained --init models/stage3 \
-		--epochs 17 --steps-per-epoch 50 --learning-rate 8e-4 --seed 4
+	$(BIN)/vesicleflow train $(TRAIN_DATA)/a $(TRAIN_DATA)/c -o models/trained --init models/stage2 \
+		--epochs 30 --steps-per-epoch 50 --learning-rate 1e-3 --seed 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
