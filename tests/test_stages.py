@@ -38,6 +38,20 @@ def test_normalize_rescales_and_zscores(mrc_factory):
     assert mapping.original_voxel_size_angstrom == 10.0 and mapping.original_shape == (40, 64, 64)
 
 
+def test_max_spread_tames_a_high_contrast_tomogram(mrc_factory):
+    """Strong dark shells in little noise: the MAD alone makes them extreme; max_spread caps the std."""
+    from vesicleflow.modelinfo import Preprocessing
+    from vesicleflow.normalize import normalize_to_grid
+
+    data = shell_volume((40, 64, 64), (20, 32, 32), 12, 3, noise=0.05) * 5.0
+    path = mrc_factory("tomo.mrc", data, voxel_size_angstrom=20.0)
+    plain = read_full(normalize_to_grid(path, path.parent / "plain.zarr", 20.0, Preprocessing()))
+    capped = read_full(normalize_to_grid(path, path.parent / "capped.zarr", 20.0, Preprocessing(max_spread=1.0)))
+    assert plain.std() > 2.0
+    assert capped.std() == pytest.approx(1.0, abs=0.05)
+    np.testing.assert_allclose(capped, plain / plain.std(), rtol=0.05, atol=0.05)
+
+
 def test_scratch_plane_file_reads_back_what_was_written(tmp_path):
     from vesicleflow.normalize import _PlaneFile
 

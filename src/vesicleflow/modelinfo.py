@@ -60,6 +60,9 @@ class Preprocessing:
 
     gaussian_sigma_voxels: float = 0.0
     zscore: str = "robust"  # "robust" (median / scaled MAD) or "mean_std" (whole-volume mean / std)
+    #: robust only: where the z-scored volume's standard deviation exceeds this, divide by it too. In a
+    #: high-SNR tomogram the MAD is small and membranes come out far darker than the network saw.
+    max_spread: float | None = None
 
 
 @dataclass

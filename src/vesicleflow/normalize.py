@@ -149,8 +149,11 @@ def _model_planes(shape) -> int:
     return int(np.clip(BLOCK_BYTES // plane_bytes, 1, 64))
 
 
-def _statistics(array, zscore: str) -> tuple[float, float]:
-    """Centre and scale for the z-score, computed chunk-wise (exact mean/std, sampled median/MAD)."""
+def _statistics(array, zscore: str, max_spread: float | None = None) -> tuple[float, float]:
+    """Centre and scale for the z-score, computed chunk-wise (exact mean/std, sampled median/MAD).
+
+    ``max_spread`` (robust only): widen the scale so that the sample's z-scored standard deviation
+    is at most this."""
     n_z = array.shape[0]
     planes = _model_planes(array.shape)
     if zscore == "mean_std":
@@ -170,6 +173,8 @@ def _statistics(array, zscore: str) -> tuple[float, float]:
         scale = float(1.4826 * np.median(np.abs(sample - centre)))
         if scale <= 0:
             scale = float(sample.std())
+        elif max_spread:
+            scale = max(scale, float(sample.std()) / max_spread)
     return float(centre), scale
 
 
@@ -214,7 +219,7 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
         if raw_range.low == raw_range.high:
             raise InputError(f"{info.path}: the volume is constant (every voxel is {raw_range.low:g}, standard "
                              "deviation 0); is it an empty or placeholder file?")
-        centre, scale = _statistics(resampled, prep.zscore)
+        centre, scale = _statistics(resampled, prep.zscore, prep.max_spread)
         if not scale > 1e-6 * max(1.0, abs(centre)):
             raise InputError(f"{info.path}: the volume is nearly constant (standard deviation {scale:g} around "
                              f"{centre:g}); nothing to detect")
