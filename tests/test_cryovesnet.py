@@ -67,7 +67,7 @@ def test_metadata(imported: Path):
     assert info.training["published_weights"] is True
     raw = json.loads((imported / "model.json").read_text())
     assert raw["voxel_size_angstrom"] == 22.0
-    assert raw["preprocessing"] == {"gaussian_sigma_voxels": 1.0, "zscore": "mean_std"}
+    assert raw["preprocessing"] == {"gaussian_sigma_voxels": 1.0, "zscore": "mean_std", "max_spread": None}
 
 
 def _edited_copy(tmp_path: Path) -> Path:
