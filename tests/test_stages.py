@@ -56,12 +56,11 @@ def test_scratch_plane_file_reads_back_what_was_written(tmp_path):
     from vesicleflow.normalize import _PlaneFile
 
     data = np.random.default_rng(2).normal(size=(11, 6, 7)).astype(np.float32)
-    planes = _PlaneFile(tmp_path / "raw.f32", data.shape)
-    for start in range(0, 11, 4):
-        planes.write(start, data[start:start + 4])
-    for key in [np.s_[0:11], np.s_[3:9], np.s_[1:11:3, ::2, ::3], np.s_[10:11, 5]]:
-        np.testing.assert_array_equal(planes[key], data[key])
-    planes.close()
+    with _PlaneFile(tmp_path / "raw.f32", data.shape) as planes:
+        for start in range(0, 11, 4):
+            planes.write(start, data[start:start + 4])
+        for key in [np.s_[0:11], np.s_[3:9], np.s_[1:11:3, ::2, ::3], np.s_[10:11, 5]]:
+            np.testing.assert_array_equal(planes[key], data[key])
 
 
 def test_normalize_streams_to_the_same_values_as_one_in_memory_pass(mrc_factory, monkeypatch):

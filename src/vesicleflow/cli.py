@@ -143,6 +143,11 @@ def aggregate(out_dir: Path, tomogram_dirs: list[Path]) -> None:
     aggregate_results(tomogram_dirs, out_dir)
 
 
+def _echo_tree(out_dir: Path) -> None:
+    """Where a simulated tree's tomograms and ground truth went."""
+    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+
+
 @app.command()
 def simulate(out_dir: Path, datasets: int = 2, tomograms: int = 2,
              shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (64, 256, 256),
@@ -154,7 +159,7 @@ def simulate(out_dir: Path, datasets: int = 2, tomograms: int = 2,
 
     simulate_tree(out_dir, n_datasets=datasets, n_tomograms=tomograms, shape=shape, seed=seed,
                   voxel_sizes_nm=voxel_size_nm)
-    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+    _echo_tree(out_dir)
 
 
 @app.command("training-set")
@@ -164,7 +169,7 @@ def training_set(out_dir: Path, tomograms: int = 48, seed: int = 0,
     from vesicleflow.simulate import simulate_training_set
 
     simulate_training_set(out_dir, tomograms, shape, seed)
-    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+    _echo_tree(out_dir)
 
 
 @app.command("accuracy-suite")
@@ -174,7 +179,7 @@ def accuracy_suite(out_dir: Path, tomograms_per_case: int = 5,
     from vesicleflow.accuracy import write_accuracy_suite
 
     write_accuracy_suite(out_dir, tomograms_per_case, shape)
-    typer.echo(f"tomograms: {out_dir / 'tomograms'}\nground truth: {out_dir / 'truth'}")
+    _echo_tree(out_dir)
 
 
 @app.command()

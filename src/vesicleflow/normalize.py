@@ -114,7 +114,13 @@ class _PlaneFile:
     def __init__(self, path: Path, shape):
         self.shape = tuple(int(n) for n in shape)
         self.plane_items = self.shape[1] * self.shape[2]
-        self.handle = open(path, "w+b")  # noqa: SIM115 (closed by close(), after the second pass)
+        self.handle = open(path, "w+b")  # noqa: SIM115 (closed on leaving the with block)
+
+    def __enter__(self) -> _PlaneFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
 
     def write(self, start: int, planes: np.ndarray) -> None:
         self.handle.seek(start * self.plane_items * 4)
@@ -133,9 +139,6 @@ class _PlaneFile:
         else:
             block = np.concatenate([self._read(z, 1) for z in range(first, stop, step)] or [self._read(first, 0)])
         return block[(slice(None), *key[1:])]
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 def _chunk_planes(shape) -> int:
@@ -206,10 +209,10 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
     sigma_in = antialias_sigma(mapping.zoom)
     planes = slab_planes(mapping, sigma_in)
     raw_range = _RawRange()
-    with scratch_dir(output) as scratch, atomic_output(output) as tmp:
-        # Resampled slabs go to a raw scratch file first: slabs are thinner than a zarr chunk, and
-        # writing them into the compressed zarr would re-encode each chunk once per slab.
-        resampled = _PlaneFile(scratch / "resampled.f32", mapping.model_shape)
+    # Resampled slabs go to a raw scratch file first: slabs are thinner than a zarr chunk, and
+    # writing them into the compressed zarr would re-encode each chunk once per slab.
+    with (scratch_dir(output) as scratch, atomic_output(output) as tmp,
+          _PlaneFile(scratch / "resampled.f32", mapping.model_shape) as resampled):
         try:
             for start, stop in z_slabs(mapping.model_shape[0], planes):
                 resampled.write(start, _resample_slab(volume, mapping, start, stop, sigma_in,
@@ -228,7 +231,6 @@ def normalize_to_grid(tomogram: str | Path, output: str | Path, target_voxel_siz
             array[start:stop] = (resampled[start:stop] - centre) / scale
         array.attrs.update({"grid": mapping.to_attrs(), "zscore_centre": centre, "zscore_scale": scale,
                             "zscore": prep.zscore, "source": str(info.path)})
-        resampled.close()
     return Path(output)
 
 
