@@ -78,6 +78,21 @@ def test_normalize_streams_to_the_same_values_as_one_in_memory_pass(mrc_factory,
     assert not list(path.parent.glob(".*"))  # no scratch file or temporary left behind
 
 
+def test_skipping_a_negligible_antialias_filter_changes_values_below_1e_5(mrc_factory, monkeypatch):
+    """15 -> 20 Å asks for sigma 0.17 voxel, whose neighbour taps weigh ~1e-8: skipping it is exact
+    to float32 rounding, while a real filter (10 -> 20 Å, sigma 0.5) is still applied."""
+    from vesicleflow import normalize
+
+    assert normalize.antialias_sigma(15 / 20) == 0.0
+    assert normalize.antialias_sigma(10 / 20) == 0.5
+    data = np.random.default_rng(4).normal(0.0, 1.0, (40, 64, 64)).astype(np.float32)
+    path = mrc_factory("tomo.mrc", data, voxel_size_angstrom=15.0)
+    skipped = read_full(normalize_tomogram(path, path.parent / "skipped.zarr"))
+    monkeypatch.setattr(normalize, "NEGLIGIBLE_SIGMA", 0.0)
+    filtered = read_full(normalize_tomogram(path, path.parent / "filtered.zarr"))
+    assert 0 < np.abs(skipped - filtered).max() < 1e-5
+
+
 def test_normalize_refuses_constant_and_nan_volumes(mrc_factory):
     constant = mrc_factory("flat.mrc", np.ones((16, 32, 32), np.float32))
     with pytest.raises(InputError, match="constant"):

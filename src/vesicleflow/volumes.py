@@ -9,13 +9,24 @@ import numpy as np
 DEFAULT_CHUNKS = (64, 64, 64)
 
 
-def create_volume(path: str | Path, shape, dtype, chunks=DEFAULT_CHUNKS, attrs: dict | None = None):
-    """Create a zarr array (to be filled slab by slab); ``path`` is usually an atomic temp path."""
+def create_volume(path: str | Path, shape, dtype, chunks=DEFAULT_CHUNKS, attrs: dict | None = None,
+                  compressed: bool | None = None):
+    """Create a zarr array (to be filled slab by slab); ``path`` is usually an atomic temp path.
+
+    Float volumes (normalized tomogram, probability) are stored uncompressed: noisy float32 shrinks
+    by under 10 % with zstd, while decoding it costs several times the read itself, and every later
+    stage reads these volumes again. Integer volumes (labels, masks) keep zarr's default codec: they
+    are mostly zeros and shrink a hundredfold. ``compressed`` overrides that choice (a scratch
+    volume rewritten block by block is faster raw).
+    """
     import zarr
 
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    if compressed is None:
+        compressed = np.dtype(dtype).kind != "f"
+    codec = {} if compressed else {"compressors": None}
     array = zarr.create_array(store=str(path), shape=tuple(shape), chunks=chunks, dtype=dtype,
-                              fill_value=0, overwrite=True)
+                              fill_value=0, overwrite=True, **codec)
     if attrs:
         array.attrs.update(attrs)
     return array
