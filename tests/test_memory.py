@@ -170,7 +170,8 @@ def test_stitch_is_the_same_in_any_block_size(tmp_path, monkeypatch):
 
 def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
     """Touching vesicles, vesicles across block borders, blobs too small and too large: the blocked
-    result equals the single-block one voxel for voxel, labels numbered identically."""
+    result (in one process or two) equals the single-block one voxel for voxel, labels numbered
+    identically."""
     from vesicleflow.postprocess import block_cores, halo_voxels, postprocess_probability, separate_instances
 
     shape = (48, 120, 136)
@@ -190,8 +191,11 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
     cores = block_cores(shape, halo, budget)
     assert np.prod([-(-n // c) for n, c in zip(shape, cores)]) >= 8, cores
     n_blocked = postprocess_probability(tmp_path / "p.zarr", tmp_path / "blocked.zarr", **kwargs, block_voxels=budget)
+    n_parallel = postprocess_probability(tmp_path / "p.zarr", tmp_path / "parallel.zarr", **kwargs,
+                                         block_voxels=budget, workers=2)
     whole, blocked = read_full(tmp_path / "whole.zarr"), read_full(tmp_path / "blocked.zarr")
-    assert n_whole == n_blocked > 10
+    assert n_whole == n_blocked == n_parallel > 10
     np.testing.assert_array_equal(blocked, whole)
+    np.testing.assert_array_equal(read_full(tmp_path / "parallel.zarr"), whole)
     in_memory = separate_instances(probability > 0.5, 2.0, 8.0, 20.0)
     np.testing.assert_array_equal(in_memory, whole)

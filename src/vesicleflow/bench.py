@@ -286,7 +286,7 @@ def stage_commands(tomogram: Path, work: Path, threads: int, batch_size: int, ov
                    "--batch-size", str(batch_size), "--no-tta", "--device", device, "--threads", str(threads)]),
         ("stitch", ["stitch", w["probability.zarr"], "--normalized", w["normalized.zarr"], w["shard_0.zarr"]]),
         ("postprocess", ["postprocess", w["probability.zarr"], w["labels.zarr"], "--threshold", "0.5",
-                         "--min-radius-nm", "8.0", "--max-radius-nm", "60.0"]),
+                         "--min-radius-nm", "8.0", "--max-radius-nm", "60.0", "--workers", str(threads)]),
         ("spherefit", ["spherefit", w["labels.zarr"], str(tomogram), w["spheres.csv"], "--workers", str(threads)]),
         ("export", ["export", w["spheres.csv"], w["labels.zarr"], str(tomogram), w["export"],
                     "--dataset", "bench", "--name", tomogram.stem]),

@@ -91,11 +91,13 @@ def stitch(output: Path, normalized: Annotated[Path, typer.Option(help="The norm
 def postprocess(probability: Path, output: Path, threshold: float = 0.5,
                 mask: Annotated[Path | None, typer.Option(help="Cytoplasm mask MRC.")] = None,
                 min_radius_nm: float = 8.0, max_radius_nm: float = 60.0,
-                min_separation_nm: float | None = None) -> None:
+                min_separation_nm: float | None = None,
+                workers: Annotated[int, typer.Option(help="Processes segmenting blocks in parallel.")] = 1) -> None:
     """Threshold, mask and separate touching vesicles into instance labels."""
     from vesicleflow.postprocess import postprocess_probability
 
-    postprocess_probability(probability, output, threshold, mask, min_radius_nm, max_radius_nm, min_separation_nm)
+    postprocess_probability(probability, output, threshold, mask, min_radius_nm, max_radius_nm, min_separation_nm,
+                            workers=max(1, workers))
 
 
 @app.command()

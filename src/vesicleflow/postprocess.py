@@ -15,6 +15,7 @@ whatever the blocking.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -39,19 +40,28 @@ def _min_distance_voxels(voxel_size_nm: float, min_radius_nm: float, min_separat
     return max(1, round(separation_nm / voxel_size_nm))
 
 
+def _overlaps(box, core) -> bool:
+    return all(b.start < c.stop and c.start < b.stop for b, c in zip(box, core))
+
+
 def segment_block(foreground: np.ndarray, voxel_size_nm: float, min_radius_nm: float,
-                  min_separation_nm: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  min_separation_nm: float | None = None,
+                  core: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Watershed split of a binary block: (labels 1..n, peaks (n, 3) in (z, y, x) order, inscribed radii nm).
 
     Label i + 1 grows from ``peaks[i]``; ``inscribed[i]`` is its largest distance to background.
     Each connected component is split within its own bounding box (plus one voxel), so the cost
-    follows the foreground, not the block: most of a tomogram is cytosol.
+    follows the foreground, not the block: most of a tomogram is cytosol. With ``core`` (a box in
+    block coordinates), components entirely outside it are skipped: their peaks, which lie inside
+    them, cannot fall in the core, so a blocked caller would drop them anyway.
     """
     components, _ = ndimage.label(foreground)
     min_distance = _min_distance_voxels(voxel_size_nm, min_radius_nm, min_separation_nm)
     labels = np.zeros(foreground.shape, np.int32)
     all_peaks, all_inscribed, n_so_far = [], [], 0
     for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if core is not None and not _overlaps(box, core):
+            continue
         box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, foreground.shape))
         obj = components[box] == index
         distance_nm = ndimage.distance_transform_edt(obj, sampling=voxel_size_nm).astype(np.float32)
@@ -171,11 +181,43 @@ def mask_on_model_grid(mask_path: str | Path, mapping: GridMapping) -> np.ndarra
     return _mask_planes(mask, mapping, 0, mapping.model_shape[0])
 
 
+def _segment_haloed_block(job: tuple) -> tuple:
+    """Segment one haloed block; keep the objects whose peak lies in its core and whose inscribed
+    radius is in range. Returns (the number of maxima in the core, box in volume coordinates, the
+    kept objects' labels 1..k in that box, their peaks (k, 3) in volume coordinates); the last three
+    are None when nothing is kept. Reads its inputs itself: worker processes get paths, not volumes."""
+    probability, model_mask, inner, outer, threshold, voxel_nm, min_radius_nm, max_radius_nm, separation = job
+    foreground = np.asarray(open_volume(probability)[outer]) > threshold
+    if model_mask is not None:
+        foreground &= np.asarray(open_volume(model_mask)[outer])
+    if not foreground.any():
+        return 0, None, None, None
+    local_core = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+    labels, peaks, inscribed = segment_block(foreground, voxel_nm, min_radius_nm, separation, local_core)
+    del foreground
+    global_peaks = peaks + np.array([s.start for s in outer])
+    in_core = np.all([(global_peaks[:, a] >= inner[a].start) & (global_peaks[:, a] < inner[a].stop)
+                      for a in range(3)], axis=0) if len(peaks) else np.zeros(0, bool)
+    keep = in_core & (inscribed >= min_radius_nm) & (inscribed <= max_radius_nm)
+    if not keep.any():
+        return int(in_core.sum()), None, None, None
+    lut = np.zeros(len(peaks) + 1, np.uint32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+    kept = lut[labels]
+    del labels
+    kept_box = ndimage.find_objects((kept > 0).view(np.uint8))[0]  # only what changes is rewritten
+    box = tuple(slice(o.start + k.start, o.start + k.stop) for o, k in zip(outer, kept_box))
+    return int(in_core.sum()), box, kept[kept_box], global_peaks[keep]
+
+
 def postprocess_probability(probability: str | Path, output: str | Path, threshold: float = 0.5,
                             mask: str | Path | None = None, min_radius_nm: float = 8.0,
                             max_radius_nm: float = 60.0, min_separation_nm: float | None = None,
-                            block_voxels: int | None = None) -> int:
-    """Write instance labels (zarr, model grid); returns the number of candidates."""
+                            block_voxels: int | None = None, workers: int = 1) -> int:
+    """Write instance labels (zarr, model grid); returns the number of candidates.
+
+    Blocks are segmented by ``workers`` processes; their results are merged in block order, so
+    the labels do not depend on the number of workers."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if not 0.0 < min_radius_nm < max_radius_nm:
@@ -191,36 +233,25 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
     with scratch_dir(output) as scratch:
         model_mask = None
         if mask_volume is not None:
-            model_mask = create_volume(scratch / "mask.zarr", shape, "bool")
+            model_mask = scratch / "mask.zarr"
+            mask_array = create_volume(model_mask, shape, "bool")
             for z0, z1 in z_slabs(shape[0], _planes_per_pass(shape, 1)):
-                model_mask[z0:z1] = _mask_planes(mask_volume, mapping, z0, z1)
-        work = create_volume(scratch / "labels.zarr", shape, "uint32")
-        centres, n_blocks, n_maxima = [], 0, 0
-        for inner, outer in iter_blocks(shape, core, halo):
-            n_blocks += 1
-            foreground = np.asarray(source[outer]) > threshold
-            if model_mask is not None:
-                foreground &= np.asarray(model_mask[outer])
-            if not foreground.any():
-                continue
-            labels, peaks, inscribed = segment_block(foreground, voxel_nm, min_radius_nm, min_separation_nm)
-            del foreground
-            global_peaks = peaks + np.array([s.start for s in outer])
-            in_core = np.all([(global_peaks[:, a] >= inner[a].start) & (global_peaks[:, a] < inner[a].stop)
-                              for a in range(3)], axis=0) if len(peaks) else np.zeros(0, bool)
-            n_maxima += int(in_core.sum())
-            keep = in_core & (inscribed >= min_radius_nm) & (inscribed <= max_radius_nm)
-            if not keep.any():
-                continue
-            lut = np.zeros(len(peaks) + 1, np.uint32)
-            lut[1:][keep] = np.arange(len(centres) + 1, len(centres) + int(keep.sum()) + 1)
-            centres.extend(map(tuple, global_peaks[keep]))
-            new = lut[labels]
-            del labels
-            region = np.asarray(work[outer])
-            free = (region == 0) & (new > 0)
-            region[free] = new[free]
-            work[outer] = region
+                mask_array[z0:z1] = _mask_planes(mask_volume, mapping, z0, z1)
+        work = create_volume(scratch / "labels.zarr", shape, "uint32", compressed=False)
+        jobs = [(str(probability), str(model_mask) if model_mask else None, inner, outer, threshold, voxel_nm,
+                 min_radius_nm, max_radius_nm, min_separation_nm) for inner, outer in iter_blocks(shape, core, halo)]
+        centres, n_maxima = [], 0
+        with _block_results(jobs, workers) as results:
+            for in_core, box, kept, peaks in results:
+                n_maxima += in_core
+                if box is None:
+                    continue
+                kept = np.where(kept > 0, kept + np.uint32(len(centres)), 0).astype(np.uint32)
+                centres.extend(map(tuple, peaks))
+                region = np.asarray(work[box])
+                free = (region == 0) & (kept > 0)
+                region[free] = kept[free]
+                work[box] = region
         count = len(centres)
         order = np.lexsort(np.array(centres, dtype=np.int64).reshape(-1, 3).T[::-1])
         renumber = np.zeros(count + 1, np.uint32)
@@ -231,6 +262,18 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
                                                              "mask": str(mask) if mask else None})
             for box in _chunk_blocks(shape, bytes_per_voxel=8):
                 target[box] = renumber[np.asarray(work[box])].astype(dtype)
-    log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels)",
-             n_maxima, count, min_radius_nm, max_radius_nm, n_blocks, core, halo)
+    log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels, %d worker(s))",
+             n_maxima, count, min_radius_nm, max_radius_nm, len(jobs), core, halo, workers)
     return count
+
+
+@contextlib.contextmanager
+def _block_results(jobs: list[tuple], workers: int):
+    """Results of :func:`_segment_haloed_block` in job order, from a process pool when it pays."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield map(_segment_haloed_block, jobs)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        yield pool.imap(_segment_haloed_block, jobs)

@@ -228,11 +228,12 @@ def _stage_mb(stage, shape, model_shape):
         block_mb = max(32.0, 64 * 64 * 4 * model_shape[2] / MB)
         return 450 + 5 * block_mb
     if stage == "postprocess":
-        # one haloed block (at most 32 Mi voxels unless the halo needs more) at ~30 bytes a voxel
+        # one haloed block (at most 32 Mi voxels unless the halo needs more) at ~30 bytes a voxel,
+        # per worker process (the rule's 2 threads), + the kept labels of a block being merged
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
         block_voxels = min(math.prod(model_shape), max(32 * MB, (8 + 2 * halo) ** 3))
-        return 450 + 32 * block_voxels / MB + 200
+        return 450 + (2 * 32 + 12) * block_voxels / MB + 200
     if stage == "spherefit":
         # the model-grid labels in memory + the pages of the tomogram's memory map it touches,
         # + a second worker process (the rule's 2 threads)

@@ -18,6 +18,7 @@ rule postprocess:
         f"{OUT}/logs/postprocess/{{dataset}}/{{tomo}}.log",
     benchmark:
         f"{OUT}/benchmarks/postprocess/{{dataset}}/{{tomo}}.tsv"
+    threads: 2
     resources:
         mem_mb=stage_memory_mb("postprocess"),
         runtime=runtime_min(10, 20),
@@ -26,7 +27,7 @@ rule postprocess:
     shell:
         "vesicleflow postprocess {input.probability:q} {output:q} --threshold {params.threshold} "
         "--min-radius-nm {params.min_radius} --max-radius-nm {params.max_radius} "
-        "{params.separation} {params.mask} 2> {log:q}"
+        "{params.separation} {params.mask} --workers {threads} 2> {log:q}"
 
 
 rule spherefit:
