@@ -16,8 +16,9 @@ from vesicleflow.export import (
     export_tomogram,
     mask_border_distances,
     nearest_surface_distances,
+    write_label_mrc,
 )
-from vesicleflow.grid import GridMapping
+from vesicleflow.grid import GridMapping, nearest_source_indices
 from vesicleflow.io import write_mrc
 from vesicleflow.simulate import simulate_tomogram
 from vesicleflow.volumes import create_volume
@@ -122,6 +123,28 @@ def test_mrc_slab_writer_header_statistics_validate(tmp_path):
         assert mrc.header.rms == pytest.approx(data.std(), rel=1e-5)
         assert float(mrc.voxel_size.x) == 15.0
         assert (float(mrc.header.origin.z), float(mrc.header.origin.x)) == (1.0, 3.0)
+
+
+def test_label_statistics_from_value_counts_equal_the_plane_by_plane_ones():
+    labels = np.random.default_rng(3).integers(0, 900, (5, 17, 19)).astype(np.uint16)
+    labels[labels > 40] = 0  # mostly background, as label volumes are
+    by_counts, by_planes = formats._Stats(), formats._Stats()
+    by_counts.add(labels)
+    by_planes.add(labels.astype(np.float32))
+    for name in ("n", "total", "total_sq", "low", "high"):
+        assert getattr(by_counts, name) == getattr(by_planes, name), name
+
+
+def test_label_mrc_is_the_nearest_neighbour_resampling_renumbered(tmp_path):
+    """Upsampling (planes repeat) and downsampling: every voxel equals lut[model[nearest source]]."""
+    for original, voxel in (((23, 31, 29), 15.0), ((9, 12, 10), 30.0)):
+        mapping = GridMapping(original, voxel, 20.0)
+        model = np.random.default_rng(5).integers(0, 6, mapping.model_shape).astype(np.uint32)
+        lut = np.array([0, 4, 0, 1, 2, 3], np.uint32)
+        write_label_mrc(tmp_path / "labels.mrc", model, mapping, lut)
+        iz, iy, ix = nearest_source_indices(original, mapping.model_shape, mapping.original_to_model)
+        with mrcfile.open(tmp_path / "labels.mrc") as mrc:
+            np.testing.assert_array_equal(mrc.data, lut[model[np.ix_(iz, iy, ix)]])
 
 
 def test_label_mode_widens_past_uint16():

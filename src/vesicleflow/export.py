@@ -235,6 +235,8 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
     iz, iy, ix = nearest_source_indices(mapping.original_shape, mapping.model_shape, mapping.original_to_model)
     step = formats.slab_planes(mapping.original_shape[1:], np.dtype(dtype).itemsize, 64 * 2**20)
 
+    lut = label_to_id.astype(dtype)
+
     def slabs():
         for z0 in range(0, len(iz), step):
             sources = iz[z0:z0 + step]
@@ -242,7 +244,10 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
             block = np.asarray(model_labels[lo:int(sources.max()) + 1])  # one read per slab, not per plane
             out = np.empty((len(sources), len(iy), len(ix)), dtype)
             for k, source_z in enumerate(sources):
-                out[k] = label_to_id[block[source_z - lo][np.ix_(iy, ix)]]
+                if k and source_z == sources[k - 1]:  # upsampling repeats planes: copy, don't resample
+                    out[k] = out[k - 1]
+                else:  # renumber on the (smaller) model plane, then take rows and columns
+                    out[k] = lut[block[source_z - lo]].take(iy, axis=0).take(ix, axis=1)
             yield z0, out
 
     formats.write_mrc_slabs(path, mapping.original_shape, mode, mapping.original_voxel_size_angstrom,

@@ -165,7 +165,17 @@ class _Stats:
         self.low, self.high = np.inf, -np.inf
 
     def add(self, block: np.ndarray) -> None:
-        for plane in np.asarray(block).reshape(-1, *np.shape(block)[-2:]):  # float64 copies of one plane only
+        block = np.asarray(block)
+        if block.dtype.kind == "u" and block.dtype.itemsize <= 2:  # labels: exact, from value counts
+            counts = np.bincount(block.ravel())
+            values = np.flatnonzero(counts)
+            weights = counts[values].astype(np.float64)
+            self.n += block.size
+            self.total += float(weights @ values)
+            self.total_sq += float(weights @ np.square(values, dtype=np.float64))
+            self.low, self.high = min(self.low, float(values[0])), max(self.high, float(values[-1]))
+            return
+        for plane in block.reshape(-1, *block.shape[-2:]):  # float64 copies of one plane only
             values = plane.astype(np.float64)
             self.n += values.size
             self.total += float(values.sum())
@@ -225,11 +235,13 @@ def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray
     lo = np.ceil(centres - radii[:, None]).astype(np.int64)
     hi = np.floor(centres + radii[:, None]).astype(np.int64) + 1          # exclusive
     order = np.argsort(lo[:, 0], kind="stable")
-    step = slab_planes((ny, nx), np.dtype(dtype).itemsize + 4, budget_bytes)
+    step = min(slab_planes((ny, nx), np.dtype(dtype).itemsize + 4, budget_bytes), nz)
+    best_buffer = np.empty((step, ny, nx), np.float32)  # reused: a fresh one page-faults every slab
     for z0 in range(0, nz, step):
         z1 = min(z0 + step, nz)
         labels = np.zeros((z1 - z0, ny, nx), dtype)
-        best = np.full((z1 - z0, ny, nx), np.inf, np.float32)
+        best = best_buffer[:z1 - z0]
+        best.fill(np.inf)
         for i in order[(lo[order, 0] < z1) & (hi[order, 0] > z0)]:
             a = np.maximum(lo[i], [z0, 0, 0])
             b = np.minimum(hi[i], [z1, ny, nx])
