@@ -129,8 +129,9 @@ def test_label_statistics_from_value_counts_equal_the_plane_by_plane_ones():
     labels = np.random.default_rng(3).integers(0, 900, (5, 17, 19)).astype(np.uint16)
     labels[labels > 40] = 0  # mostly background, as label volumes are
     by_counts, by_planes = formats._Stats(), formats._Stats()
-    by_counts.add(labels)
-    by_planes.add(labels.astype(np.float32))
+    for block in (labels, np.zeros_like(labels), np.full_like(labels, 7)):  # also all-0 and no-0 blocks
+        by_counts.add(block)
+        by_planes.add(block.astype(np.float32))
     for name in ("n", "total", "total_sq", "low", "high"):
         assert getattr(by_counts, name) == getattr(by_planes, name), name
 

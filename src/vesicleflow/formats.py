@@ -166,14 +166,17 @@ class _Stats:
 
     def add(self, block: np.ndarray) -> None:
         block = np.asarray(block)
-        if block.dtype.kind == "u" and block.dtype.itemsize <= 2:  # labels: exact, from value counts
-            counts = np.bincount(block.ravel())
+        if block.dtype.kind == "u" and block.dtype.itemsize <= 2:  # labels: exact, from the counts of
+            flat = block.ravel()                                     # the (few) non-zero values
+            foreground = flat[flat != 0]
+            counts = np.bincount(foreground)
             values = np.flatnonzero(counts)
             weights = counts[values].astype(np.float64)
-            self.n += block.size
+            self.n += flat.size
             self.total += float(weights @ values)
             self.total_sq += float(weights @ np.square(values, dtype=np.float64))
-            self.low, self.high = min(self.low, float(values[0])), max(self.high, float(values[-1]))
+            self.low = min(self.low, 0.0 if len(foreground) < len(flat) else float(values[0]))
+            self.high = max(self.high, float(values[-1]) if len(values) else 0.0)
             return
         for plane in block.reshape(-1, *block.shape[-2:]):  # float64 copies of one plane only
             values = plane.astype(np.float64)
@@ -191,29 +194,38 @@ class _Stats:
 
 def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angstrom: float,
                     origin_angstrom, slabs: Iterable[tuple[int, np.ndarray]], label: str = "") -> None:
-    """Write an MRC volume slab by slab through a memory map: memory stays one slab.
+    """Write an MRC volume slab by slab: memory stays one slab.
 
-    ``slabs`` yields ``(z_start, array)`` covering every z plane once; header statistics are
-    accumulated on the way so the file validates without a second pass.
+    mrcfile lays out the header on an empty (sparse) file of the final size; the slabs go in with
+    plain file writes, which the kernel writes back by itself (through a memory map, written pages
+    count towards RSS until flushed, and flushing each slab waits for the disk). ``slabs`` yields
+    ``(z_start, array)`` covering every z plane once; header statistics are accumulated on the way
+    so the file validates without a second pass.
     """
     import mrcfile
 
+    shape = tuple(int(s) for s in shape_zyx)
     stats = _Stats()
     covered = 0
-    with atomic_output(path) as tmp, mrcfile.new_mmap(tmp, shape=tuple(int(s) for s in shape_zyx),
-                                                       mrc_mode=mrc_mode, overwrite=True) as mrc:
-        for z0, block in slabs:
-            mrc.data[z0:z0 + len(block)] = block
-            mrc.flush()  # write dirty pages back so they stay reclaimable
-            stats.add(block)
-            covered += len(block)
-        if covered != shape_zyx[0]:
-            raise RuntimeError(f"slabs covered {covered} of {shape_zyx[0]} planes")
-        mrc.voxel_size = voxel_size_angstrom
-        mrc.header.origin.z, mrc.header.origin.y, mrc.header.origin.x = origin_angstrom
-        stats.write_to(mrc.header)
-        if label:
-            mrc.add_label(label[:80])
+    with atomic_output(path) as tmp:
+        with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=mrc_mode, overwrite=True) as mrc:
+            dtype = mrc.data.dtype
+            data_offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
+        plane_bytes = dtype.itemsize * shape[1] * shape[2]
+        with open(tmp, "r+b") as handle:
+            for z0, block in slabs:
+                handle.seek(data_offset + z0 * plane_bytes)
+                np.ascontiguousarray(block, dtype=dtype).tofile(handle)
+                stats.add(block)
+                covered += len(block)
+        if covered != shape[0]:
+            raise RuntimeError(f"slabs covered {covered} of {shape[0]} planes")
+        with mrcfile.mmap(tmp, mode="r+") as mrc:
+            mrc.voxel_size = voxel_size_angstrom
+            mrc.header.origin.z, mrc.header.origin.y, mrc.header.origin.x = origin_angstrom
+            stats.write_to(mrc.header)
+            if label:
+                mrc.add_label(label[:80])
 
 
 def slab_planes(plane_shape, bytes_per_voxel: int, budget_bytes: int = 128 * 2**20) -> int:
