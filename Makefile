@@ -7,7 +7,7 @@ DEMO := demo
 # Rules call the `vesicleflow` command: make the virtualenv's one visible to Snakemake's jobs.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv bench bench-accuracy train lint clean
+.PHONY: demo test venv bench bench-accuracy bench-shifted train lint clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,13 @@ bench-accuracy: $(STAMP)
 	$(BIN)/vesicleflow accuracy-suite $(ACCURACY)/data
 	$(BIN)/snakemake --profile profiles/local --config input_dir=$(ACCURACY)/data/tomograms output_dir=$(ACCURACY)/results
 	$(BIN)/vesicleflow evaluate $(ACCURACY)/results $(ACCURACY)/data/truth --by-dataset --json-out $(ACCURACY)/accuracy.json
+
+# Robustness: the same workflow on conditions outside the simulator's defaults (README, "Accuracy").
+SHIFTED := bench/shifted
+bench-shifted: $(STAMP)
+	$(BIN)/vesicleflow accuracy-suite $(SHIFTED)/data --shifted --tomograms-per-case 2
+	$(BIN)/snakemake --profile profiles/local --config input_dir=$(SHIFTED)/data/tomograms output_dir=$(SHIFTED)/results
+	$(BIN)/vesicleflow evaluate $(SHIFTED)/results $(SHIFTED)/data/truth --by-dataset --json-out $(SHIFTED)/accuracy.json
 
 # Retrain the bundled model's recipe into models/trained (see README, "The model").
 TRAIN_DATA := build/train-data

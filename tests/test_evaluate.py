@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vesicleflow.accuracy import CASES, SUITE_SEED, summarize_by_dataset, write_accuracy_suite
+from vesicleflow.accuracy import (
+    CASES,
+    SHIFTED_CASES,
+    SHIFTED_SEED,
+    SUITE_SEED,
+    summarize_by_dataset,
+    write_accuracy_suite,
+)
 from vesicleflow.evaluate import match_vesicles
 
 
@@ -67,3 +74,14 @@ def test_accuracy_suite_cases_cover_the_same_volume_with_held_out_seeds(tmp_path
         truth = pd.read_csv(tmp_path / "truth" / case / "tomo_01_vesicles.csv")
         assert truth.empty == (case == "empty")
     assert np.ptp(extents, axis=0).max() <= 1.6  # the fine case has more voxels, not a thinner slab
+
+
+def test_shifted_suite_applies_its_conditions_with_held_out_seeds(tmp_path):
+    write_accuracy_suite(tmp_path, tomograms_per_case=1, shape=(24, 80, 80), shifted=True)
+    assert {p.name for p in (tmp_path / "tomograms").iterdir()} == set(SHIFTED_CASES)
+    for case, (_, overrides) in SHIFTED_CASES.items():
+        params = json.loads((tmp_path / "truth" / case / "tomo_01_params.json").read_text())
+        assert params["seed"] >= SHIFTED_SEED > SUITE_SEED
+        for key, value in overrides.items():
+            recorded = params[key]
+            assert (max(recorded) if isinstance(recorded, list) else recorded) == value, (case, key)

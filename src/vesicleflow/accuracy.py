@@ -29,18 +29,32 @@ CASES: dict[str, tuple[float, dict]] = {
 }
 
 
+#: Conditions outside what the simulator's defaults (and so the training data) span, to see how the
+#: model holds up when the data differ: a stand-in for another simulator or microscope. Not tuned on.
+SHIFTED_SEED = 9_500_000
+SHIFTED_CASES: dict[str, tuple[float, dict]] = {
+    "defocus_7um": (1.6, {"defocus_um": -7.0}),
+    "defocus_2um": (1.6, {"defocus_um": -2.0}),
+    "thin_small": (1.6, {"membrane_thickness_nm": 3.8, "radius_mean_nm": 17.0, "bfactor_nm2": 6.0}),
+    "wedge_45deg": (1.6, {"tilt_range_deg": 45}),
+    "clean": (1.6, {"snr": 1.0}),
+}
+
+
 def write_accuracy_suite(out_dir: str | Path, tomograms_per_case: int = 5,
-                         shape: tuple[int, int, int] = (64, 256, 256)) -> Path:
-    """Write ``out_dir/tomograms/<case>/`` and ``out_dir/truth/<case>/`` for every case.
+                         shape: tuple[int, int, int] = (64, 256, 256), shifted: bool = False) -> Path:
+    """Write ``out_dir/tomograms/<case>/`` and ``out_dir/truth/<case>/`` for every case
+    (of :data:`SHIFTED_CASES` with ``shifted``, else of :data:`CASES`).
 
     ``shape`` is in voxels of :data:`REFERENCE_VOXEL_NM`; every case covers the same physical
     volume, so a finer voxel size means more voxels, not a thinner slab of cytoplasm.
     """
     out_dir = Path(out_dir)
-    for case_index, (case, (voxel_nm, overrides)) in enumerate(CASES.items()):
+    cases, first_seed = (SHIFTED_CASES, SHIFTED_SEED) if shifted else (CASES, SUITE_SEED)
+    for case_index, (case, (voxel_nm, overrides)) in enumerate(cases.items()):
         case_shape = tuple(round(n * REFERENCE_VOXEL_NM / voxel_nm) for n in shape)
         for t in range(tomograms_per_case):
-            seed = SUITE_SEED + 1000 * case_index + t
+            seed = first_seed + 1000 * case_index + t
             sim = simulate_tomogram(seed, shape=case_shape, voxel_size_nm=voxel_nm, **overrides)
             write_simulation(sim, out_dir / "tomograms" / case, out_dir / "truth" / case, f"tomo_{t + 1:02d}")
     return out_dir

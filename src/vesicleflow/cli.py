@@ -176,11 +176,14 @@ def training_set(out_dir: Path, tomograms: int = 48, seed: int = 0,
 
 @app.command("accuracy-suite")
 def accuracy_suite(out_dir: Path, tomograms_per_case: int = 5,
-                   shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (64, 256, 256)) -> None:
+                   shape: Annotated[tuple[int, int, int], typer.Option(help="Z Y X voxels.")] = (64, 256, 256),
+                   shifted: Annotated[bool, typer.Option(
+                       help="Write the shifted-conditions cases (defocus, bilayer and radius, missing "
+                            "wedge, SNR outside the defaults) instead.")] = False) -> None:
     """Write the held-out simulated accuracy suite (standard, crowded, low_snr, fine, empty)."""
     from vesicleflow.accuracy import write_accuracy_suite
 
-    write_accuracy_suite(out_dir, tomograms_per_case, shape)
+    write_accuracy_suite(out_dir, tomograms_per_case, shape, shifted)
     _echo_tree(out_dir)
 
 
