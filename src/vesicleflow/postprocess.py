@@ -198,16 +198,17 @@ def _segment_haloed_block(job: tuple) -> tuple:
     global_peaks = peaks + np.array([s.start for s in outer])
     in_core = np.all([(global_peaks[:, a] >= inner[a].start) & (global_peaks[:, a] < inner[a].stop)
                       for a in range(3)], axis=0) if len(peaks) else np.zeros(0, bool)
+    n_in_core = int(in_core.sum())
     keep = in_core & (inscribed >= min_radius_nm) & (inscribed <= max_radius_nm)
     if not keep.any():
-        return int(in_core.sum()), None, None, None
+        return n_in_core, None, None, None
     lut = np.zeros(len(peaks) + 1, np.uint32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
     kept = lut[labels]
     del labels
     kept_box = ndimage.find_objects((kept > 0).view(np.uint8))[0]  # only what changes is rewritten
     box = tuple(slice(o.start + k.start, o.start + k.stop) for o, k in zip(outer, kept_box))
-    return int(in_core.sum()), box, kept[kept_box], global_peaks[keep]
+    return n_in_core, box, kept[kept_box], global_peaks[keep]
 
 
 def postprocess_probability(probability: str | Path, output: str | Path, threshold: float = 0.5,
@@ -246,10 +247,11 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
                 n_maxima += in_core
                 if box is None:
                     continue
-                kept = np.where(kept > 0, kept + np.uint32(len(centres)), 0).astype(np.uint32)
+                objects = kept > 0
+                kept[objects] += len(centres)  # block-local 1..k -> global ids
                 centres.extend(map(tuple, peaks))
                 region = np.asarray(work[box])
-                free = (region == 0) & (kept > 0)
+                free = (region == 0) & objects
                 region[free] = kept[free]
                 work[box] = region
         count = len(centres)

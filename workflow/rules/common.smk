@@ -205,7 +205,8 @@ def _stage_mb(stage, shape, model_shape):
     model_mb = 4 * math.prod(model_shape) / MB  # the model grid as float32
     zoom = model_shape[1] / shape[1]
     if stage == "normalize":
-        # z slabs of input planes (as normalize.slab_planes): 32 MB, or more when planes are large
+        # z slabs of input planes (as normalize.slab_planes): 32 MB, or more when planes are large;
+        # the halo of the unskipped anti-aliasing sigma, an upper bound for normalize.antialias_sigma
         sigma = max(0.0, (1 / zoom - 1) / 2)
         halo = 2 * (math.ceil(4 * sigma) + 3)
         n_out = max(
