@@ -104,7 +104,8 @@ def test_sphere_labels_match_brute_force_across_slabs():
     ids = np.array([3, 7, 1, 2])
     expected = dense_spheres(shape, centres, radii, ids)
     # a budget of ~3 planes forces several slabs, spheres crossing slab borders and volume faces
-    slabs = list(formats.sphere_label_slabs(shape, centres, radii, ids, np.uint16, budget_bytes=3 * 30 * 33 * 6))
+    slabs = [(z0, block.copy()) for z0, block in
+             formats.sphere_label_slabs(shape, centres, radii, ids, np.uint16, budget_bytes=3 * 30 * 33 * 6)]
     assert len(slabs) > 3
     got = np.concatenate([block for _, block in slabs])
     np.testing.assert_array_equal(got, expected)
@@ -128,7 +129,7 @@ def test_mrc_slab_writer_header_statistics_validate(tmp_path):
 def test_label_statistics_from_value_counts_equal_the_plane_by_plane_ones():
     labels = np.random.default_rng(3).integers(0, 900, (5, 17, 19)).astype(np.uint16)
     labels[labels > 40] = 0  # mostly background, as label volumes are
-    by_counts, by_planes = formats._Stats(), formats._Stats()
+    by_counts, by_planes = formats.HeaderStats(), formats.HeaderStats()
     for block in (labels, np.zeros_like(labels), np.full_like(labels, 7)):  # also all-0 and no-0 blocks
         by_counts.add(block)
         by_planes.add(block.astype(np.float32))
@@ -137,15 +138,22 @@ def test_label_statistics_from_value_counts_equal_the_plane_by_plane_ones():
 
 
 def test_label_mrc_is_the_nearest_neighbour_resampling_renumbered(tmp_path):
-    """Upsampling (planes repeat) and downsampling: every voxel equals lut[model[nearest source]]."""
-    for original, voxel in (((23, 31, 29), 15.0), ((9, 12, 10), 30.0)):
+    """Upsampling (planes repeat), downsampling, and more model planes than one zarr chunk: every
+    voxel equals lut[model[nearest source]], and the header statistics (counted on the model grid)
+    equal those of the written volume."""
+    for original, voxel in (((23, 31, 29), 15.0), ((9, 12, 10), 30.0), ((100, 9, 8), 15.0)):
         mapping = GridMapping(original, voxel, 20.0)
         model = np.random.default_rng(5).integers(0, 6, mapping.model_shape).astype(np.uint32)
         lut = np.array([0, 4, 0, 1, 2, 3], np.uint32)
         write_label_mrc(tmp_path / "labels.mrc", model, mapping, lut)
         iz, iy, ix = nearest_source_indices(original, mapping.model_shape, mapping.original_to_model)
         with mrcfile.open(tmp_path / "labels.mrc") as mrc:
-            np.testing.assert_array_equal(mrc.data, lut[model[np.ix_(iz, iy, ix)]])
+            expected = lut[model[np.ix_(iz, iy, ix)]]
+            np.testing.assert_array_equal(mrc.data, expected)
+            header = mrc.header
+            assert (float(header.dmin), float(header.dmax)) == (expected.min(), expected.max())
+            assert float(header.dmean) == pytest.approx(expected.mean(), rel=1e-6)
+            assert float(header.rms) == pytest.approx(expected.std(), rel=1e-6)
 
 
 def test_label_mode_widens_past_uint16():

@@ -233,3 +233,23 @@ def test_fit_spheres_gives_the_reference_table_whatever_the_workers(simulated_ru
             assert row.outlier_reason == "fit_failed"
         else:
             assert {field: getattr(row, field) for field in SphereFit.__dataclass_fields__} == vars(fit)
+
+
+@pytest.mark.parametrize("planes", [1, 5, 64])
+def test_objects_cut_slab_by_slab_are_the_whole_volume_ones(simulated_run, planes):
+    """Objects spanning several slabs (and the volume's faces) get the same padded box and mask as
+    cut from the whole volume at once, each exactly once."""
+    root, _, sim = simulated_run
+    labels = spherefit.open_volume(root / "labels.zarr")
+    objects = list(spherefit.labelled_objects(labels, planes=planes))
+    got = {label: (origin, mask) for label, origin, mask in objects}
+    assert len(got) == len(objects)
+    expected = {}
+    for label, box in enumerate(ndimage.find_objects(sim.labels), start=1):
+        if box is not None:
+            padded = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+            expected[label] = (tuple(s.start for s in padded), sim.labels[padded] == label)
+    assert sorted(got) == sorted(expected) and len(got) == 40
+    for label, (origin, mask) in expected.items():
+        assert got[label][0] == origin
+        np.testing.assert_array_equal(got[label][1], mask)

@@ -157,7 +157,7 @@ def label_mrc_mode(max_label: int) -> tuple[int, type]:
     return 2, np.float32
 
 
-class _Stats:
+class HeaderStats:
     """Running min, max, mean and RMS deviation (the MRC header's dmin, dmax, dmean, rms)."""
 
     def __init__(self):
@@ -179,12 +179,17 @@ class _Stats:
             self.high = max(self.high, float(values[-1]) if len(values) else 0.0)
             return
         for plane in block.reshape(-1, *block.shape[-2:]):  # float64 copies of one plane only
-            values = plane.astype(np.float64)
-            self.n += values.size
-            self.total += float(values.sum())
-            self.total_sq += float(np.square(values).sum())
-            self.low = min(self.low, float(values.min()))
-            self.high = max(self.high, float(values.max()))
+            values = plane.astype(np.float64).ravel()
+            self.add_moments(values.size, float(values.sum()), float(values @ values), float(plane.min()),
+                             float(plane.max()))
+
+    def add_moments(self, n: int, total: float, total_sq: float, low: float, high: float) -> None:
+        """Add ``n`` values of the given sum, sum of squares, minimum and maximum."""
+        self.n += n
+        self.total += total
+        self.total_sq += total_sq
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
 
     def write_to(self, header) -> None:
         mean = self.total / self.n
@@ -193,19 +198,24 @@ class _Stats:
 
 
 def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angstrom: float,
-                    origin_angstrom, slabs: Iterable[tuple[int, np.ndarray]], label: str = "") -> None:
+                    origin_angstrom, slabs: Iterable[tuple[int, np.ndarray]], label: str = "",
+                    stats: HeaderStats | None = None) -> None:
     """Write an MRC volume slab by slab: memory stays one slab.
 
     mrcfile lays out the header on an empty (sparse) file of the final size; the slabs go in with
     plain file writes, which the kernel writes back by itself (through a memory map, written pages
     count towards RSS until flushed, and flushing each slab waits for the disk). ``slabs`` yields
-    ``(z_start, array)`` covering every z plane once; header statistics are accumulated on the way
-    so the file validates without a second pass.
+    ``(z_start, array)`` covering every z plane once, and may reuse one buffer: each slab is written
+    before the next is requested. Header statistics are accumulated on the way so the file
+    validates without a second pass. A producer that can count them more cheaply from
+    data it already has passes its own ``stats``, filled by the time the last slab is yielded: the
+    slabs are then not scanned.
     """
     import mrcfile
 
     shape = tuple(int(s) for s in shape_zyx)
-    stats = _Stats()
+    scan = stats is None
+    stats = HeaderStats() if scan else stats
     covered = 0
     with atomic_output(path) as tmp:
         with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=mrc_mode, overwrite=True) as mrc:
@@ -216,7 +226,8 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
             for z0, block in slabs:
                 handle.seek(data_offset + z0 * plane_bytes)
                 np.ascontiguousarray(block, dtype=dtype).tofile(handle)
-                stats.add(block)
+                if scan:
+                    stats.add(block)
                 covered += len(block)
         if covered != shape[0]:
             raise RuntimeError(f"slabs covered {covered} of {shape[0]} planes")
@@ -235,7 +246,8 @@ def slab_planes(plane_shape, bytes_per_voxel: int, budget_bytes: int = 128 * 2**
 
 def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray, ids: np.ndarray, dtype,
                        budget_bytes: int = 128 * 2**20):
-    """Yield z slabs of a volume where each sphere is drawn with its id.
+    """Yield z slabs of a volume where each sphere is drawn with its id (one buffer: each slab is
+    valid until the next is requested).
 
     A voxel belongs to a sphere when its centre lies within the radius; where two spheres share a
     voxel, the one whose surface is farther away (smaller distance / radius) wins. Work is limited
@@ -248,11 +260,13 @@ def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray
     hi = np.floor(centres + radii[:, None]).astype(np.int64) + 1          # exclusive
     order = np.argsort(lo[:, 0], kind="stable")
     step = min(slab_planes((ny, nx), np.dtype(dtype).itemsize + 4, budget_bytes), nz)
-    best_buffer = np.empty((step, ny, nx), np.float32)  # reused: a fresh one page-faults every slab
+    # Buffers reused from slab to slab (see write_mrc_slabs): fresh ones page-fault every slab.
+    labels_buffer = np.empty((step, ny, nx), dtype)
+    best_buffer = np.empty((step, ny, nx), np.float32)
     for z0 in range(0, nz, step):
         z1 = min(z0 + step, nz)
-        labels = np.zeros((z1 - z0, ny, nx), dtype)
-        best = best_buffer[:z1 - z0]
+        labels, best = labels_buffer[:z1 - z0], best_buffer[:z1 - z0]
+        labels.fill(0)
         best.fill(np.inf)
         for i in order[(lo[order, 0] < z1) & (hi[order, 0] > z0)]:
             a = np.maximum(lo[i], [z0, 0, 0])

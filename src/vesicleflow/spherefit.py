@@ -25,7 +25,7 @@ from scipy import ndimage
 from vesicleflow.grid import GridMapping
 from vesicleflow.io import read_tomogram, read_tomogram_info, write_table
 from vesicleflow.parallel import ordered_map, process_pool
-from vesicleflow.volumes import open_volume
+from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume, z_slabs
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: fitting workers never need it (0.5 s each)
     import pandas as pd
@@ -289,14 +289,54 @@ def fit_sphere(volume: np.ndarray, centre_vox: np.ndarray, radius_guess_nm: floa
                      membrane_contrast=depth, fit_score=float(inliers.mean()), rays_used=len(points))
 
 
-def labelled_objects(labels: np.ndarray) -> list[tuple[int, tuple[int, ...], np.ndarray]]:
-    """(label, origin, mask) of every labelled object, in its box padded by one voxel (copies: small)."""
-    objects = []
-    for label, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is not None:
-            padded = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-            objects.append((label, tuple(s.start for s in padded), labels[padded] == label))
-    return objects
+def object_boxes(labels, planes: int = DEFAULT_CHUNKS[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, lo, hi): every label present in a z-sliceable label volume (zarr or numpy) and its
+    bounding box [lo, hi) (z, y, x), found slab by slab: memory stays one slab."""
+    lo = np.zeros((0, 3), np.int64)
+    hi = np.zeros((0, 3), np.int64)
+    for z0, z1 in z_slabs(labels.shape[0], planes):
+        found = ndimage.find_objects(np.asarray(labels[z0:z1]))
+        if len(found) > len(lo):
+            grow = len(found) - len(lo)
+            lo = np.concatenate([lo, np.full((grow, 3), np.iinfo(np.int64).max)])
+            hi = np.concatenate([hi, np.full((grow, 3), -1)])
+        for index, box in enumerate(found):
+            if box is not None:
+                starts = (box[0].start + z0, box[1].start, box[2].start)
+                stops = (box[0].stop + z0, box[1].stop, box[2].stop)
+                lo[index] = np.minimum(lo[index], starts)
+                hi[index] = np.maximum(hi[index], stops)
+    present = np.flatnonzero(hi[:, 0] >= 0)
+    return present + 1, lo[present], hi[present]
+
+
+def labelled_objects(labels, boxes: tuple | None = None, planes: int = DEFAULT_CHUNKS[0]):
+    """Yield (label, origin, mask) of every labelled object, its mask in its box padded by one voxel.
+
+    Reads ``labels`` slab by slab (twice, when ``boxes`` from :func:`object_boxes` is not given) and
+    yields each object as soon as the slab holding its last plane is read, so a consumer works on the
+    first objects while the rest is read; memory stays one slab plus the open objects' masks.
+    Objects come in the order they complete (by their last plane, then label).
+    """
+    ids, lo, hi = object_boxes(labels, planes) if boxes is None else boxes
+    shape = np.array(labels.shape)
+    padded_lo, padded_hi = np.maximum(lo - 1, 0), np.minimum(hi + 1, shape)
+    masks = {}
+    for z0, z1 in z_slabs(labels.shape[0], planes):
+        touching = np.flatnonzero((lo[:, 0] < z1) & (hi[:, 0] > z0))
+        if not len(touching):
+            continue
+        block = np.asarray(labels[z0:z1])
+        for i in touching:
+            mask = masks.get(i)
+            if mask is None:
+                mask = masks[i] = np.zeros(padded_hi[i] - padded_lo[i], bool)
+            zs, ze = max(lo[i, 0], z0), min(hi[i, 0], z1)
+            (_, y0, x0), (_, y1, x1) = lo[i], hi[i]
+            oz, oy, ox = padded_lo[i]
+            mask[zs - oz:ze - oz, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = block[zs - z0:ze - z0, y0:y1, x0:x1] == ids[i]
+            if hi[i, 0] <= z1:
+                yield int(ids[i]), tuple(int(v) for v in padded_lo[i]), masks.pop(i)
 
 
 def inscribed_ball(label: int, origin: tuple[int, ...], mask: np.ndarray, voxel_nm: float) -> tuple:
@@ -396,12 +436,15 @@ def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Pat
                     "min_fit_score": min_fit_score, "trusted_contrast": trusted_contrast,
                     "bilayer_thickness_nm": bilayer_thickness_nm}
         context = (str(tomogram), dict(labels_zarr.attrs)["grid"], voxel_nm, settings)
-        tasks = [(context, obj) for obj in labelled_objects(np.asarray(labels_zarr[...]))]  # labels freed here
-        # 32 chunks per process: the last ones, fitted while other processes may idle, are short.
-        fitted = ordered_map(pool, _fit_object, tasks, chunksize=max(1, len(tasks) // (32 * max(workers, 1))))
+        boxes = object_boxes(labels_zarr)
+        # Objects are cut from the labels while the workers fit the first ones (the pool draws tasks
+        # from the generator in a thread of its own). 32 chunks per process: the last ones, fitted
+        # while other processes may idle, are short.
+        tasks = ((context, obj) for obj in labelled_objects(labels_zarr, boxes))
+        fitted = ordered_map(pool, _fit_object, tasks, chunksize=max(1, len(boxes[0]) // (32 * max(workers, 1))))
         import pandas as pd  # while the workers fit
 
-        rows = list(fitted)
+        rows = sorted(fitted, key=lambda row: row["label"])
     columns = ["label", "guess_z", "guess_y", "guess_x", "guess_radius_nm", *SphereFit.__dataclass_fields__,
                "outlier_reason"]
     table = pd.DataFrame(rows, columns=columns)
