@@ -205,3 +205,39 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
                             capture_output=True, text=True, env=cli_env(), check=True)
     assert "2 worker processes (forked)" in forked.stderr
     np.testing.assert_array_equal(read_full(tmp_path / "cli.zarr"), whole)
+
+
+@pytest.mark.parametrize("scene", ["over 255 objects", "ball inside a shell"])
+def test_postprocess_pieces_keep_every_id_and_nesting(tmp_path, monkeypatch, scene):
+    """A block returns its kept objects as pieces of ids in the smallest dtype that holds them: past
+    255 objects they need uint16. A ball inside a thick shell nests its piece in the shell's (its box
+    holds shell voxels): the two are merged into one crop. Either way the labels equal the in-memory
+    segmentation."""
+    from vesicleflow import postprocess
+
+    grid = np.indices((36, 156, 156) if scene == "over 255 objects" else (48, 48, 48))
+    if scene == "over 255 objects":  # 3 x 13 x 13 balls, inscribed radius 10 nm
+        foreground = sum(((g - 6) % 12 - 6) ** 2 for g in grid) <= 4.5**2
+    else:
+        distance = np.sqrt(sum((g - 24.0) ** 2 for g in grid))
+        foreground = (distance <= 7) | ((distance >= 9) & (distance <= 21))  # a 2-voxel gap
+    probability = np.where(foreground, 0.9, 0.1).astype(np.float32)
+    attrs = {"grid": GridMapping(probability.shape, 20.0, 20.0).to_attrs()}
+    create_volume(tmp_path / "p.zarr", probability.shape, "float32", attrs=attrs)[...] = probability
+    returned = []  # (pieces, what _compact made of them) per block
+
+    def spy(pieces, compact=postprocess._compact):
+        returned.append((pieces, compact(pieces)))
+        return returned[-1][1]
+
+    monkeypatch.setattr(postprocess, "_compact", spy)
+    kwargs = {"threshold": 0.5, "min_radius_nm": 8.0, "max_radius_nm": 20.0}
+    count = postprocess.postprocess_probability(tmp_path / "p.zarr", tmp_path / "l.zarr", **kwargs)
+    expected = postprocess.separate_instances(foreground, 2.0, 8.0, 20.0)
+    assert count == expected.max()
+    np.testing.assert_array_equal(read_full(tmp_path / "l.zarr"), expected)
+    (pieces, result), = returned  # one block
+    if scene == "over 255 objects":
+        assert count == 3 * 13 * 13 and {ids.dtype.name for _, ids in result} == {"uint8", "uint16"}
+    else:
+        assert len(pieces) == 2 and len(result) == 1
