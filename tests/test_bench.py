@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -278,6 +279,10 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
     assert row["window_redundancy"] == pytest.approx(64**3 / math.prod([18, 48, 48]), rel=1e-3)
     assert row["stages"]["infer"]["infer"]["windows"] == 1
     assert row["inference_efficiency"] > 0 and 0 < row["non_inference_share"] < 1
+    assert 0 < row["non_inference_share_cpu_time"] < 1
+    if sys.platform == "linux":  # the hypervisor's share, per stage and in all (0 on bare metal)
+        assert all(s["steal_s"] >= 0 for s in row["stages"].values())
+        assert row["steal_s"] == pytest.approx(sum(s["steal_s"] for s in row["stages"].values()), abs=0.05)
     assert report["conv3d_ceiling"]["flops_per_s"] > 1e8
     text = (tmp_path / "bench.txt").read_text()
     for word in ("normalize", "export", "total", "FLOPs per voxel", "targets:"):

@@ -72,6 +72,18 @@ class StageRun:
     peak_rss_mb: float
     returncode: int
     extra: dict = field(default_factory=dict)
+    steal_s: float | None = None
+
+
+def stolen_cpu_s() -> float | None:
+    """CPU time the hypervisor has taken from this virtual machine since boot (all CPUs; the
+    ``steal`` column of /proc/stat), or None where the system does not report it."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,6 +141,7 @@ def run_measured(command: list[str], log_path: Path, env: dict | None = None, st
     """Run ``command`` as a child process; its wall time, CPU time (user + system) and peak RSS."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     usage_path = log_path.with_suffix(".usage.json")
+    stolen_before = stolen_cpu_s()
     with open(log_path, "w") as handle:
         subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *command],
                        stdout=handle, stderr=subprocess.STDOUT, env=env, check=False)
@@ -137,7 +150,9 @@ def run_measured(command: list[str], log_path: Path, env: dict | None = None, st
     usage = json.loads(usage_path.read_text())
     usage_path.unlink()
     rss_mb = usage["maxrss"] / (2**20 if sys.platform == "darwin" else 1024)
-    return StageRun(stage or command[0], usage["wall_s"], usage["cpu_s"], rss_mb, usage["returncode"])
+    stolen_after = stolen_cpu_s()
+    steal = stolen_after - stolen_before if stolen_before is not None and stolen_after is not None else None
+    return StageRun(stage or command[0], usage["wall_s"], usage["cpu_s"], rss_mb, usage["returncode"], steal_s=steal)
 
 
 def count_flops_per_voxel(net, window: int, device="cpu") -> float:
@@ -406,6 +421,7 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
     stages = {r.stage: {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3),
                         "peak_rss_mb": round(r.peak_rss_mb, 1),
                         "peak_rss_over_float32": round(r.peak_rss_mb / float32_mb, 3),
+                        "steal_s": None if r.steal_s is None else round(r.steal_s, 2),
                         **({"infer": r.extra} if r.extra else {})}
               for r in runs}
     total = sum(r.wall_s for r in runs)
@@ -423,6 +439,8 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
         "total_wall_s": round(total, 3), "total_cpu_s": round(sum(r.cpu_s for r in runs), 3),
         "peak_rss_mb": round(max(r.peak_rss_mb for r in runs), 1),
         "non_inference_share": round((total - infer.wall_s) / total, 4),
+        "non_inference_share_cpu_time": round(1 - infer.cpu_s / sum(r.cpu_s for r in runs), 4),
+        "steal_s": None if any(r.steal_s is None for r in runs) else round(sum(r.steal_s for r in runs), 2),
         "inference_voxels_per_s": round(model_voxels / infer.wall_s),
         "inference_input_voxels_per_s": round(voxels / infer.wall_s),
         "inference_ceiling_voxels_per_s": round(ceiling_voxels),
@@ -574,7 +592,7 @@ def format_report(report: dict) -> str:
              f"executes {report['model']['executed_flops_per_voxel']:,.0f}); conv3d ceiling "
              f"{report['conv3d_ceiling']['flops_per_s'] / 1e9:.1f} GFLOP/s ({report['conv3d_ceiling']['conv']}, "
              f"{report['conv3d_ceiling']['layout']})", ""]
-    header = f"{'stage':<12}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}{'RSS/f32':>9}{'share':>8}"
+    header = f"{'stage':<12}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}{'RSS/f32':>9}{'share':>8}{'steal s':>9}"
     for t in report["tomograms"]:
         shape = "x".join(map(str, t["shape_zyx"]))
         model = "x".join(map(str, t["model_shape_zyx"]))
@@ -582,9 +600,11 @@ def format_report(report: dict) -> str:
                   f"model grid {model} ({t['model_voxels'] / 1e6:.1f} M), {t['windows']} windows "
                   f"(redundancy {t['window_redundancy']:.2f})", header]
         for stage, row in t["stages"].items():
+            steal = "" if row.get("steal_s") is None else f"{row['steal_s']:>9.2f}"
             lines.append(f"{stage:<12}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['peak_rss_mb']:>13.0f}"
-                         f"{row['peak_rss_over_float32']:>9.2f}{row['wall_s'] / t['total_wall_s']:>8.1%}")
-        lines.append(f"{'total':<12}{t['total_wall_s']:>9.2f}{t['total_cpu_s']:>9.2f}{t['peak_rss_mb']:>13.0f}")
+                         f"{row['peak_rss_over_float32']:>9.2f}{row['wall_s'] / t['total_wall_s']:>8.1%}{steal}")
+        steal = "" if t.get("steal_s") is None else f"{'':>17}{t['steal_s']:>9.2f}"
+        lines.append(f"{'total':<12}{t['total_wall_s']:>9.2f}{t['total_cpu_s']:>9.2f}{t['peak_rss_mb']:>13.0f}{steal}")
         infer = t["stages"]["infer"].get("infer", {})
         extras = [f"forward only: {t['forward_efficiency']:.0%}"] if "forward_efficiency" in t else []
         if "inference_efficiency_cpu_time" in t:
@@ -597,7 +617,8 @@ def format_report(report: dict) -> str:
             lines.append(f"  infer breakdown: read {infer.get('read_s')} s, forward {infer.get('forward_s')} s, "
                          f"accumulate {infer.get('accumulate_s')} s, write {infer.get('write_s')} s"
                          + (f", GPU peak {infer['gpu_peak_memory_mb']} MB" if "gpu_peak_memory_mb" in infer else ""))
-        lines.append(f"outside inference: {t['non_inference_share']:.0%} of the total\n")
+        lines.append(f"outside inference: {t['non_inference_share']:.1%} of the total wall time "
+                     f"({t['non_inference_share_cpu_time']:.1%} of the CPU time)\n")
     s = report["scaling"]
     if s["total_wall_s"] is not None:
         lines.append(f"scaling exponent against voxels: time {s['total_wall_s']:.2f}, "

@@ -5,7 +5,7 @@ rule normalize:
     output:
         directory(f"{OUT}/{{dataset}}/{{tomo}}/normalized.zarr"),
     params:
-        model=model_dir_of,
+        model=MODEL_DIR,
         voxel_size=voxel_size_option,
     log:
         f"{OUT}/logs/normalize/{{dataset}}/{{tomo}}.log",
