@@ -121,6 +121,10 @@ def mask_option(wildcards, input):
     return f"--mask {shlex.quote(str(input.mask))}" if input.mask else ""
 
 
+def model_dir_of(wildcards, input):
+    return os.path.dirname(input.model[0])
+
+
 def tomogram_dir(dataset, tomo):
     return f"{OUT}/{dataset}/{tomo}"
 

@@ -5,7 +5,7 @@ rule tile:
     output:
         f"{OUT}/{{dataset}}/{{tomo}}/tiles.json",
     params:
-        model=MODEL_DIR,
+        model=model_dir_of,
         window=(
             f"--window {config['inference']['window']}"
             if config["inference"]["window"]
@@ -35,7 +35,7 @@ rule infer:
     output:
         temp(directory(f"{OUT}/{{dataset}}/{{tomo}}/shards/shard_{{shard}}.zarr")),
     params:
-        model=MODEL_DIR,
+        model=model_dir_of,
         batch_size=(
             ""
             if config["inference"]["batch_size"] == "auto"

@@ -5,7 +5,7 @@ rule normalize:
     output:
         directory(f"{OUT}/{{dataset}}/{{tomo}}/normalized.zarr"),
     params:
-        model=MODEL_DIR,
+        model=model_dir_of,
         voxel_size=voxel_size_option,
     log:
         f"{OUT}/logs/normalize/{{dataset}}/{{tomo}}.log",
