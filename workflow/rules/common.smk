@@ -232,14 +232,14 @@ def _stage_mb(stage, shape, model_shape):
         return 450 + 5 * block_mb
     if stage == "postprocess":
         # one haloed block (at most 32 Mi voxels unless the halo needs more) at ~30 bytes a voxel,
-        # per worker process (the rule's 2 threads), + the kept labels of a block being merged
+        # per worker process (the rule's 2 threads), + every block's kept objects until the write
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
         block_voxels = min(math.prod(model_shape), max(32 * MB, (8 + 2 * halo) ** 3))
         return 450 + (2 * 32 + 12) * block_voxels / MB + 200
     if stage == "spherefit":
-        # the model-grid labels in memory + the pages of the tomogram's memory map it touches,
-        # + a second worker process (the rule's 2 threads)
+        # at most the model-grid labels (read in 64-plane slabs, the open objects' masks kept)
+        # + the pages of the tomogram's memory map it touches, + a second worker process
         return 800 + 1.1 * volume_mb + 2.5 * model_mb
     if stage == "export":
         # the tomogram's memory map + label volumes written on the original grid (uint16)
