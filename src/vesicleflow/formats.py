@@ -172,11 +172,9 @@ class HeaderStats:
             counts = np.bincount(foreground)
             values = np.flatnonzero(counts)
             weights = counts[values].astype(np.float64)
-            self.n += flat.size
-            self.total += float(weights @ values)
-            self.total_sq += float(weights @ np.square(values, dtype=np.float64))
-            self.low = min(self.low, 0.0 if len(foreground) < len(flat) else float(values[0]))
-            self.high = max(self.high, float(values[-1]) if len(values) else 0.0)
+            self.add_moments(flat.size, float(weights @ values), float(weights @ np.square(values, dtype=np.float64)),
+                             0.0 if len(foreground) < len(flat) else float(values[0]),
+                             float(values[-1]) if len(values) else 0.0)
             return
         for plane in block.reshape(-1, *block.shape[-2:]):  # float64 copies of one plane only
             values = plane.astype(np.float64).ravel()

@@ -210,12 +210,6 @@ def _mask_planes(mask, mapping: GridMapping, start: int, stop: int) -> np.ndarra
     return out
 
 
-def mask_on_model_grid(mask_path: str | Path, mapping: GridMapping) -> np.ndarray:
-    """Nearest-neighbour resampling of an original-grid mask onto the model grid (bool, in memory)."""
-    mask = _check_mask(mask_path, mapping)
-    return _mask_planes(mask, mapping, 0, mapping.model_shape[0])
-
-
 def _segment_haloed_block(job: tuple) -> tuple:
     """Segment one haloed block; keep the objects whose peak lies in its core and whose inscribed
     radius is in range. Returns (the number of maxima in the core, the kept objects as pieces
