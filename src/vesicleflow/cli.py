@@ -74,8 +74,10 @@ def infer(normalized: Path, plan: Path, output: Path, shard: int = 0, model: Mod
           tta: bool = False, device: str = "auto",
           threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None) -> None:
     """Run the U-Net over one shard's windows."""
+    from vesicleflow.allocator import keep_freed_memory
     from vesicleflow.infer import infer_shard
 
+    keep_freed_memory()
     infer_shard(normalized, plan, shard, output, model, batch_size, tta, device, threads)
 
 
@@ -231,8 +233,10 @@ def train(data_dirs: Annotated[list[Path], typer.Argument(
           init: Model = None, epochs: int = 20, steps_per_epoch: int = 50, batch_size: int = 2,
           patch: int = 48, learning_rate: float = 2e-3, seed: int = 0, device: str = "auto") -> None:
     """Train (or fine-tune from --init) a U-Net on tomograms with label MRCs."""
+    from vesicleflow.allocator import keep_freed_memory
     from vesicleflow.train import train_model
 
+    keep_freed_memory()
     train_model(data_dirs, output, init=init, epochs=epochs, steps_per_epoch=steps_per_epoch,
                 batch_size=batch_size, patch=patch, learning_rate=learning_rate, seed=seed, device=device)
 
@@ -264,8 +268,10 @@ def bench(out: Annotated[Path, typer.Option(
               help="Time `snakemake -n` over this many tiny tomograms; 0 = skip.")] = 1000,
           keep: Annotated[bool, typer.Option(help="Keep every stage's outputs under OUT/runs.")] = False) -> None:
     """Time every stage on tomograms of growing size; print the table, write OUT/bench.json."""
+    from vesicleflow.allocator import keep_freed_memory
     from vesicleflow.bench import DEFAULT_SHAPES, format_report, parse_shape, run_benchmark
 
+    keep_freed_memory()  # as in the infer stage, so the conv3d ceiling is measured the same way
     shapes = [parse_shape(s) for s in shape] if shape else DEFAULT_SHAPES
     report = run_benchmark(out, shapes, voxel_size_angstrom, threads, batch_size, overlap, device,
                            dryrun_tomograms, keep)

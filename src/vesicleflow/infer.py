@@ -18,6 +18,8 @@ per-window reference: weights equal, probabilities within 1e-4, vesicle tables e
   window by window (a 64³ window not aligned to the 64³ zarr chunks touches up to 8 chunks).
 - ``sum(w*p)`` and ``sum(w)`` are accumulated with numpy on the CPU, or with torch on the GPU
   when the shard's box fits there (the GPU no longer waits for the CPU to add each window).
+- the ``infer`` command keeps freed memory for reuse (:mod:`vesicleflow.allocator`): each batch's
+  activations reuse the last batch's pages instead of being faulted in and zeroed again.
 - shards are temporary: ``sum(w*p)`` is written without compression (zstd costs CPU time and
   saves ~30% on probabilities); ``sum(w)`` keeps zarr's default codec (it shrinks 16x).
 """

@@ -219,7 +219,8 @@ def _stage_mb(stage, shape, model_shape):
     if stage == "tile":
         return 500
     if stage == "infer":
-        # the network and one batch of activations + sum(w*p), sum(w) over the shard's box
+        # the network and one batch of activations + sum(w*p), sum(w) over the shard's box (the
+        # activations' freed blocks stay in the process: vesicleflow.allocator, within this bound)
         inference = config["inference"]
         window = inference["window"] or 64
         # "auto" is 4 on the CPU; on CUDA the larger batch's activations are in GPU memory
