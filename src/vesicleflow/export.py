@@ -318,7 +318,7 @@ def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: 
 
     The original-grid volumes (label, sphere and probability MRCs), most of the time, are written
     by ``threads`` threads (their numpy work and file writes release the GIL) while this thread
-    writes the small files.
+    measures the membrane and lumen intensities and writes the small files.
 
     ``curated``: a ``vesicles.curated.csv`` (``vesicleflow curate``); when given, its vesicles
     replace spherefit's accepted ones in every export (see :func:`vesicleflow.curate.curated_spheres`).
@@ -338,8 +338,6 @@ def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: 
         spheres = curated_spheres(spheres, read_curated(curated), voxel_nm)
     table = vesicle_table(spheres, dataset, name, voxel_nm)
     volume = read_tomogram(tomogram)
-    membrane, lumen = membrane_and_lumen_intensity(volume, table, voxel_nm)
-    table["membrane_intensity_sd"], table["lumen_intensity_sd"] = membrane, lumen
     border_factor = None
     if mask:
         centre_distance, border_factor = mask_border_distances(mask, table[["z", "y", "x"]].to_numpy(), voxel_nm)
@@ -355,11 +353,14 @@ def export_tomogram(spheres_csv: str | Path, labels_path: str | Path, tomogram: 
     label_to_id[source_labels[segmented]] = table["vesicle_id"].to_numpy()[segmented]
     volume_writers = [
         (write_label_mrc, out_dir / "labels.mrc", labels_zarr, mapping, label_to_id),
-        (write_sphere_label_mrc, out_dir / "sphere_labels.mrc", table, info.shape, info.voxel_size_angstrom,
+        (write_sphere_label_mrc, out_dir / "sphere_labels.mrc",
+         table[["z", "y", "x", "radius_nm", "vesicle_id"]].copy(), info.shape, info.voxel_size_angstrom,
          info.origin_angstrom),
     ] + ([(write_probability_mrc, out_dir / "probability.mrc", probability)] if probability else [])
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending = [pool.submit(*job) for job in volume_writers]
+        pending = [pool.submit(*job) for job in volume_writers]  # their own copies: the table grows below
+        membrane, lumen = membrane_and_lumen_intensity(volume, table, voxel_nm)
+        table["membrane_intensity_sd"], table["lumen_intensity_sd"] = membrane, lumen
         formats.write_imod_model(out_dir / "vesicles.mod", table, info.shape, voxel_nm,
                                  f"vesicleflow {dataset}/{name}")
         formats.write_star(out_dir / "vesicles_relion5.star",
