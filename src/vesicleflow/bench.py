@@ -464,15 +464,16 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
                   ceiling_side: int = CEILING_CONV["side"]) -> dict:
     """Generate (or reuse) the tomograms, run every stage on each, and write ``<out>/bench.json``
     and ``<out>/bench.txt`` (the table). Returns the report."""
-    from vesicleflow.infer import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+    from vesicleflow.infer import default_batch_size
     from vesicleflow.io import atomic_output, read_json, write_json
     from vesicleflow.model import load_model, pick_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = [tuple(int(n) for n in s) for s in shapes]
-    dev = str(pick_device(device))
-    batch_size = batch_size or (CUDA_BATCH_SIZE if dev.startswith("cuda") else CPU_BATCH_SIZE)
+    torch_device = pick_device(device)
+    dev = str(torch_device)
+    batch_size = batch_size or default_batch_size(torch_device)
     began = time.perf_counter()
     report = {"machine": _machine(dev), "settings": {
         "voxel_size_angstrom": voxel_size_angstrom, "threads": threads, "batch_size": batch_size,

@@ -54,6 +54,12 @@ DEVICE_ACCUMULATOR_SHARE = 0.25
 STATS_PREFIX = "infer stats "
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Windows per forward pass when none is asked for: :data:`CUDA_BATCH_SIZE` on CUDA, else
+    :data:`CPU_BATCH_SIZE`."""
+    return CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
 def prepare_for_inference(net: nn.Module, channels_last: bool = True) -> nn.Module:
     """A copy of ``net`` with every Conv3d -> BatchNorm3d pair folded into one Conv3d.
 
@@ -355,7 +361,7 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = pick_device(device)
-    batch_size = batch_size or (CUDA_BATCH_SIZE if dev.type == "cuda" else CPU_BATCH_SIZE)
+    batch_size = batch_size or default_batch_size(dev)
     net, _ = load_model(model, dev)
     net, form = inference_network(net, dev)
     volume = open_volume(normalized)
