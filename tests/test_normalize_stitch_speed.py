@@ -240,3 +240,18 @@ def test_write_block_leaves_the_same_store_as_plain_assignment(tmp_path, monkeyp
         assert chunks[0] == chunks[1] and "c/0/1/1" not in chunks[0] and "c/1/1/1" in chunks[0]
         assert_bit_identical(fast[...], plain[...])
     assert len(fast_paths) == 2  # the -0.0 blocks skipped zarr's test, the blocks with a zero chunk did not
+
+
+def test_write_block_stores_a_compressed_volumes_empty_chunks_and_reads_back_the_same(tmp_path):
+    """A compressed (label) volume is written without zarr's empty-chunk test: its all-zero chunks are
+    stored too (a few kB each), and the values read back equal plain assignment's."""
+    labels = np.zeros((64, 128, 64), np.uint16)
+    labels[10:20, 5:30, 7:40] = 7  # chunk (0, 0, 0) holds a label, chunk (0, 1, 0) is all zeros
+    plain = create_volume(tmp_path / "plain.zarr", labels.shape, "uint16")
+    plain[...] = labels
+    fast = create_volume(tmp_path / "fast.zarr", labels.shape, "uint16")
+    write_block(fast, (0, 0, 0), labels)
+    assert not (tmp_path / "plain.zarr" / "c" / "0" / "1" / "0").exists()
+    assert (tmp_path / "fast.zarr" / "c" / "0" / "1" / "0").stat().st_size < 4096
+    np.testing.assert_array_equal(fast[...], plain[...])
+    np.testing.assert_array_equal(read_full(tmp_path / "fast.zarr"), labels)

@@ -27,7 +27,7 @@ from skimage.segmentation import watershed
 from vesicleflow.grid import GridMapping, nearest_source_indices
 from vesicleflow.io import InputError, atomic_output, open_mrc_volume, scratch_dir
 from vesicleflow.parallel import ordered_map, process_pool
-from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, write_block, z_slabs
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _write_labels(labels, pieces: list) -> None:
             target = region[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(overlap, box))]
             source = ids[tuple(slice(s.start - p.start, s.stop - p.start) for s, p in zip(overlap, piece_box))]
             np.copyto(target, lookup[source], where=target == 0)  # lookup[0] == 0: background writes nothing
-        labels[box] = region
+        write_block(labels, [s.start for s in box], region)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
