@@ -21,7 +21,7 @@ from conftest import VENV_BIN, cli_env, run_snakemake_isolated
 
 from vesicleflow.grid import GridMapping
 from vesicleflow.io import write_mrc
-from vesicleflow.volumes import create_volume, read_full
+from vesicleflow.volumes import create_volume, open_volume, read_full
 
 SHAPE = (200, 512, 512)
 VOXEL_ANGSTROM = 10.0  # a 4x-binned tomogram; the model grid (20 Å) is 100 x 256 x 256
@@ -173,6 +173,7 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
     result (in one process or two) equals the single-block one voxel for voxel, labels numbered
     identically."""
     from vesicleflow.postprocess import block_cores, halo_voxels, postprocess_probability, separate_instances
+    from vesicleflow.spherefit import object_boxes, stored_object_boxes
 
     shape = (48, 120, 136)
     rng = np.random.default_rng(1)
@@ -199,6 +200,9 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
     np.testing.assert_array_equal(read_full(tmp_path / "parallel.zarr"), whole)
     in_memory = separate_instances(probability > 0.5, 2.0, 8.0, 20.0)
     np.testing.assert_array_equal(in_memory, whole)
+    for name in ("whole", "blocked", "parallel"):  # the boxes stored for spherefit are the labels' own
+        stored, scanned = stored_object_boxes(open_volume(tmp_path / f"{name}.zarr")), object_boxes(whole)
+        assert len(stored[0]) == n_whole and all(np.array_equal(a, b) for a, b in zip(stored, scanned))
     # the command line forks its workers (this test process has zarr's threads, so it spawned them)
     forked = subprocess.run(["vesicleflow", "postprocess", str(tmp_path / "p.zarr"), str(tmp_path / "cli.zarr"),
                              "--threshold", "0.5", "--min-radius-nm", "8", "--max-radius-nm", "20", "--workers", "2"],

@@ -9,6 +9,7 @@ how often numbers are computed, not one of them.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ from vesicleflow.spherefit import (
     radial_profile,
     sample_trilinear,
 )
-from vesicleflow.volumes import create_volume
+from vesicleflow.volumes import create_volume, open_volume
 
 # ----------------------------------------------------------------------------- reference code
 
@@ -220,6 +221,12 @@ def test_fit_spheres_gives_the_reference_table_whatever_the_workers(simulated_ru
               for workers in (1, 2)}
     assert dict(os.environ) == environment  # the workers' single-thread settings stay theirs
     pd.testing.assert_frame_equal(tables[1], tables[2], check_exact=True)
+    # postprocess stores each label's box with the labels; then the volume is not scanned for them
+    open_volume(root / "labels.zarr", mode="r+").attrs["boxes"] = [
+        [s.start for s in box] + [s.stop for s in box] for box in ndimage.find_objects(sim.labels)]
+    with mock.patch.object(spherefit, "object_boxes", side_effect=AssertionError("scanned")):
+        stored = fit_spheres(root / "labels.zarr", tomogram, root / "spheres_stored.csv", workers=2)
+    pd.testing.assert_frame_equal(stored, tables[1], check_exact=True)
     table = tables[1]
     assert len(table) == 40 and (table["outlier_reason"] == "").sum() >= 30
 

@@ -283,6 +283,22 @@ def _write_labels(labels, pieces: list) -> None:
         write_block(labels, [s.start for s in box], region)
 
 
+def _label_boxes(pieces: list, count: int) -> np.ndarray:
+    """Each final label's bounding box, (count, 6): z0, y0, x0, z1, y1, x1 (stops exclusive), from the
+    pieces (box, ids, lookup to final ids). Stored with the labels, so that spherefit need not scan
+    the volume for them before its workers can start."""
+    boxes = np.empty((count, 6), np.int64)
+    boxes[:, :3], boxes[:, 3:] = np.iinfo(np.int64).max, -1
+    for box, ids, lookup in pieces:
+        start = np.array([s.start for s in box])
+        for local, found in enumerate(ndimage.find_objects(ids), start=1):
+            if found is not None:
+                final = int(lookup[local]) - 1
+                boxes[final, :3] = np.minimum(boxes[final, :3], start + [s.start for s in found])
+                boxes[final, 3:] = np.maximum(boxes[final, 3:], start + [s.stop for s in found])
+    return boxes
+
+
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     """Smallest box holding every True voxel of a 3-D mask with at least one."""
     box = []
@@ -341,7 +357,8 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
                 pieces.extend((box, ids, lookup) for box, ids in block_pieces)
             with atomic_output(output) as tmp:
                 labels = create_volume(tmp, shape, dtype, attrs={**attrs, "count": count,
-                                                                 "mask": str(mask) if mask else None})
+                                                                 "mask": str(mask) if mask else None,
+                                                                 "boxes": _label_boxes(pieces, count).tolist()})
                 _write_labels(labels, pieces)
     log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels, %d worker(s))",
              n_maxima, count, min_radius_nm, max_radius_nm, len(jobs), core, halo, workers)

@@ -310,6 +310,16 @@ def object_boxes(labels, planes: int = DEFAULT_CHUNKS[0]) -> tuple[np.ndarray, n
     return present + 1, lo[present], hi[present]
 
 
+def stored_object_boxes(labels) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`object_boxes` as postprocess stored them in the label zarr's attributes (``boxes``: one
+    [z0, y0, x0, z1, y1, x1] per label 1..count); None when it did not."""
+    boxes = labels.attrs.get("boxes")
+    if boxes is None or len(boxes) != labels.attrs.get("count"):
+        return None
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
+    return np.arange(1, len(boxes) + 1), boxes[:, :3], boxes[:, 3:]
+
+
 def labelled_objects(labels, boxes: tuple | None = None, planes: int = DEFAULT_CHUNKS[0]):
     """Yield (label, origin, mask) of every labelled object, its mask in its box padded by one voxel.
 
@@ -436,7 +446,7 @@ def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Pat
                     "min_fit_score": min_fit_score, "trusted_contrast": trusted_contrast,
                     "bilayer_thickness_nm": bilayer_thickness_nm}
         context = (str(tomogram), dict(labels_zarr.attrs)["grid"], voxel_nm, settings)
-        boxes = object_boxes(labels_zarr)
+        boxes = stored_object_boxes(labels_zarr) or object_boxes(labels_zarr)
         # Objects are cut from the labels while the workers fit the first ones (the pool draws tasks
         # from the generator in a thread of its own). 32 chunks per process: the last ones, fitted
         # while other processes may idle, are short.
