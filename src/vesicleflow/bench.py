@@ -324,7 +324,10 @@ def _infer_stats(log_path: Path) -> dict:
 
 def run_pipeline(tomogram: Path, work: Path, threads: int = 2, batch_size: int | None = None, overlap: float = 0.25,
                  device: str = "auto") -> list[StageRun]:
-    """Run every stage on ``tomogram`` in a fresh ``work`` folder; stop at the first failure."""
+    """Run every stage on ``tomogram`` in a fresh ``work`` folder; stop at the first failure.
+
+    Files are kept or deleted as the workflow keeps them: the inference shard, a temporary output,
+    goes once stitched (its page cache then serves the later stages' files)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -339,6 +342,8 @@ def run_pipeline(tomogram: Path, work: Path, threads: int = 2, batch_size: int |
         if run.returncode != 0:
             tail = (work / "logs" / f"{stage}.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{tomogram.name}: stage {stage} failed (exit {run.returncode}):\n{tail}")
+        if stage == "stitch":  # the shard is the workflow's temp() output: Snakemake deletes it here
+            shutil.rmtree(work / "shard_0.zarr")
     return runs
 
 

@@ -266,7 +266,8 @@ def bench(out: Annotated[Path, typer.Option(
           overlap: float = 0.25, device: str = "auto",
           dryrun_tomograms: Annotated[int, typer.Option(
               help="Time `snakemake -n` over this many tiny tomograms; 0 = skip.")] = 1000,
-          keep: Annotated[bool, typer.Option(help="Keep every stage's outputs under OUT/runs.")] = False) -> None:
+          keep: Annotated[bool, typer.Option(help="Keep the stages' outputs under OUT/runs (as the workflow "
+                                                  "leaves them: no shard).")] = False) -> None:
     """Time every stage on tomograms of growing size; print the table, write OUT/bench.json."""
     from vesicleflow.allocator import keep_freed_memory
     from vesicleflow.bench import DEFAULT_SHAPES, format_report, parse_shape, run_benchmark
