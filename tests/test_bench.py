@@ -69,7 +69,8 @@ def write_reference_shard(path, normalized, plan: dict, shard: int):
     weighted, weight_sum = reference_shard(normalized, plan, shard)
     start, stop = shard_box(plan, shard)
     attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard}
-    create_volume(path / "weighted", weighted.shape, "float32", attrs=attrs)[...] = weighted
+    probability = np.divide(weighted, weight_sum, out=np.zeros_like(weighted), where=weight_sum > 0)
+    create_volume(path / "probability", weighted.shape, "float32", attrs=attrs)[...] = probability
     create_volume(path / "weight", weight_sum.shape, "float32", attrs=attrs)[...] = weight_sum
     return path
 
@@ -158,12 +159,12 @@ def test_infer_shard_matches_the_per_window_reference(simulated, window, shards)
         out = infer_shard(normalized, plan_path, shard, root / f"shard_{window}_{shard}.zarr", batch_size=4,
                           device="cpu", threads=2)
         weighted, weight_sum = reference_shard(normalized, plan, shard)
-        got_weighted, got_weight = read_full(out / "weighted"), read_full(out / "weight")
-        assert dict(open_volume(out / "weighted").attrs)["box_start"] == shard_box(plan, shard)[0]
+        got_probability, got_weight = read_full(out / "probability"), read_full(out / "weight")
+        assert dict(open_volume(out / "probability").attrs)["box_start"] == shard_box(plan, shard)[0]
         np.testing.assert_array_equal(got_weight, weight_sum)
         covered = weight_sum > 0  # a shard's box may hold voxels none of its windows reach
-        np.testing.assert_array_equal(got_weighted[~covered], 0)
-        np.testing.assert_allclose(got_weighted[covered] / got_weight[covered], weighted[covered] / weight_sum[covered],
+        np.testing.assert_array_equal(got_probability[~covered], 0)
+        np.testing.assert_allclose(got_probability[covered], weighted[covered] / weight_sum[covered],
                                    rtol=0, atol=PROBABILITY_TOLERANCE)
 
 

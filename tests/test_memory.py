@@ -95,11 +95,11 @@ def test_every_stage_stays_under_its_declared_memory(model_copy, tmp_path):
     del volume
     work = tmp_path / "work"
     work.mkdir()
-    # stitch input: one shard covering the volume whose weighted mean is the synthetic probability
+    # stitch input: one shard covering the volume whose probability is the synthetic one
     attrs = {"box_start": [0, 0, 0], "box_stop": list(mapping.model_shape), "shape": list(mapping.model_shape),
              "shard": 0}
-    create_volume(work / "full_shard.zarr" / "weighted", mapping.model_shape, "float32", attrs=attrs)[...] = \
-        probability * 0.5
+    create_volume(work / "full_shard.zarr" / "probability", mapping.model_shape, "float32", attrs=attrs)[...] = \
+        probability
     create_volume(work / "full_shard.zarr" / "weight", mapping.model_shape, "float32", attrs=attrs)[...] = 0.5
     del probability
     declared = declared_mem_mb(tmp_path / "input", tmp_path / "results", model_copy)
@@ -157,8 +157,8 @@ def test_stitch_is_the_same_in_any_block_size(tmp_path, monkeypatch):
         box = [b - a for a, b in zip(start, stop)]
         attrs = {"box_start": list(start), "box_stop": list(stop), "shape": list(shape)}
         weight = rng.uniform(0.1, 1, box).astype(np.float32)
-        create_volume(tmp_path / f"s{k}.zarr" / "weighted", box, "float32", attrs=attrs)[...] = \
-            weight * rng.uniform(0, 1, box).astype(np.float32)
+        create_volume(tmp_path / f"s{k}.zarr" / "probability", box, "float32", attrs=attrs)[...] = \
+            rng.uniform(0, 1, box).astype(np.float32)
         create_volume(tmp_path / f"s{k}.zarr" / "weight", box, "float32", attrs=attrs)[...] = weight
     shards = [tmp_path / f"s{k}.zarr" for k in range(len(boxes))]
     whole = read_full(stitch.stitch_shards(shards, tmp_path / "n.zarr", tmp_path / "a.zarr"))

@@ -160,21 +160,22 @@ def make_shards(folder: Path, shape, boxes, seed=5) -> list[Path]:
         box = [b - a for a, b in zip(start, stop)]
         attrs = {"box_start": list(start), "box_stop": list(stop), "shape": list(shape), "shard": k}
         weight = rng.uniform(0.05, 1, box).astype(np.float32)
-        create_volume(folder / f"s{k}.zarr" / "weighted", box, "float32", attrs=attrs)[...] = \
-            weight * rng.uniform(0, 1, box).astype(np.float32)
+        create_volume(folder / f"s{k}.zarr" / "probability", box, "float32", attrs=attrs)[...] = \
+            rng.uniform(0, 1, box).astype(np.float32)
         create_volume(folder / f"s{k}.zarr" / "weight", box, "float32", attrs=attrs, compressed=True)[...] = weight
         shards.append(folder / f"s{k}.zarr")
     return shards
 
 
 def stitch_in_memory(shards: list[Path], shape) -> np.ndarray:
-    """sum(w*p) / sum(w) over whole volumes, summed in shard order from zero as stitch does."""
+    """sum(w_k*p_k) / sum(w_k) over whole volumes, summed in shard order from zero as stitch does."""
     numerator, denominator = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     for shard in shards:
-        weighted = zarr.open_array(str(shard / "weighted"), mode="r")
-        box = tuple(slice(a, b) for a, b in zip(weighted.attrs["box_start"], weighted.attrs["box_stop"]))
-        numerator[box] += weighted[...]
-        denominator[box] += read_full(shard / "weight")
+        probability = zarr.open_array(str(shard / "probability"), mode="r")
+        box = tuple(slice(a, b) for a, b in zip(probability.attrs["box_start"], probability.attrs["box_stop"]))
+        weight = read_full(shard / "weight")
+        numerator[box] += probability[...] * weight
+        denominator[box] += weight
     return numerator / denominator
 
 
@@ -192,6 +193,41 @@ def test_stitch_equals_the_whole_volume_at_once_for_any_threads_and_blocks(tmp_p
         assert dict(zarr.open_array(str(out), mode="r").attrs) == {"grid": {"model_voxel_size_angstrom": 20.0}}
 
 
+def test_one_shard_covering_the_volume_becomes_the_map_by_links(tmp_path, monkeypatch):
+    """The default single shard is the probability map itself: its chunk files are hard-linked (copied
+    where linking fails), bit for bit, with the normalized volume's attributes; the map outlives the
+    shard (a temp() output Snakemake deletes). A shard laid out otherwise is recomputed instead."""
+    import shutil
+
+    shape = (150, 141, 77)
+    (shard,) = make_shards(tmp_path, shape, [((0, 0, 0), shape)])
+    expected = read_full(shard / "probability")
+    chunk = Path("c", "1", "1", "0")
+
+    linked = stitch.stitch_shards([shard], tmp_path / "n.zarr", tmp_path / "linked.zarr", threads=2)
+    assert (linked / chunk).stat().st_ino == (shard / "probability" / chunk).stat().st_ino
+    assert dict(zarr.open_array(str(linked), mode="r").attrs) == {"grid": {"model_voxel_size_angstrom": 20.0}}
+
+    def cannot_link(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(stitch.os, "link", cannot_link)
+    copied = stitch.stitch_shards([shard], tmp_path / "n.zarr", tmp_path / "copied.zarr", threads=2)
+    assert (copied / chunk).stat().st_nlink == 1
+    shutil.rmtree(shard)
+    assert_bit_identical(read_full(linked), expected)
+    assert_bit_identical(read_full(copied), expected)
+
+    (compressed,) = make_shards(tmp_path / "other", shape, [((0, 0, 0), shape)])
+    probability = read_full(compressed / "probability")
+    attrs = dict(zarr.open_array(str(compressed / "probability"), mode="r").attrs)
+    shutil.rmtree(compressed / "probability")
+    create_volume(compressed / "probability", shape, "float32", attrs=attrs, compressed=True)[...] = probability
+    computed = stitch.stitch_shards([compressed], tmp_path / "n.zarr", tmp_path / "computed.zarr", threads=2)
+    assert (computed / chunk).stat().st_size == 4 * 64**3  # written by stitch, uncompressed
+    np.testing.assert_allclose(read_full(computed), probability, rtol=2e-7, atol=0)
+
+
 def test_stitch_reports_uncovered_voxels_and_worker_failures_with_no_output(tmp_path, monkeypatch):
     """A gap between shards is reported for the first block it is in; a worker that fails mid-volume
     stops the stage with its exception. Either way no output or temporary is left."""
@@ -202,7 +238,7 @@ def test_stitch_reports_uncovered_voxels_and_worker_failures_with_no_output(tmp_
         stitch.stitch_shards(gap, tmp_path / "n.zarr", tmp_path / "p.zarr", threads=3)
     assert not (tmp_path / "p.zarr").exists()
 
-    whole = make_shards(tmp_path / "whole", shape, [((0, 0, 0), shape)])
+    whole = make_shards(tmp_path / "whole", shape, [((0, 0, 0), (90, 141, 77)), ((60, 0, 0), shape)])
     original, calls, lock = stitch.write_block, [], threading.Lock()
 
     def fails_on_the_fourth_write(*args):

@@ -126,8 +126,10 @@ def test_window_plan_covers_volume_and_shards_partition_it():
 
 
 def _write_shard(path, box_start, box_stop, weighted, weight, shape):
+    """A shard as infer writes it, from its accumulated sum(w*p) and sum(w)."""
     attrs = {"box_start": box_start, "box_stop": box_stop, "shape": list(shape)}
-    create_volume(path / "weighted", weighted.shape, "float32", attrs=attrs)[...] = weighted
+    probability = np.divide(weighted, weight, out=np.zeros_like(weighted), where=weight > 0)
+    create_volume(path / "probability", weighted.shape, "float32", attrs=attrs)[...] = probability
     create_volume(path / "weight", weight.shape, "float32", attrs=attrs)[...] = weight
 
 

@@ -1,4 +1,5 @@
-"""infer: run the U-Net over one shard's windows; write sum(w*p) and sum(w) over the shard's box.
+"""infer: run the U-Net over one shard's windows; write the shard's probability sum(w*p)/sum(w) and its
+weight sum(w) over the shard's box.
 
 Windows are batched; on CUDA the forward pass runs in mixed precision; on a GPU out-of-memory
 error the batch is halved and retried. Optional flip test-time augmentation averages the
@@ -20,8 +21,10 @@ per-window reference: weights equal, probabilities within 1e-4, vesicle tables e
   when the shard's box fits there (the GPU no longer waits for the CPU to add each window).
 - the ``infer`` command keeps freed memory for reuse (:mod:`vesicleflow.allocator`): each batch's
   activations reuse the last batch's pages instead of being faulted in and zeroed again.
-- shards are temporary: ``sum(w*p)`` is written without compression (zstd costs CPU time and
-  saves ~30% on probabilities); ``sum(w)`` keeps zarr's default codec (it shrinks 16x).
+- the shard stores its probability already divided by its weight: a shard that covers the whole
+  volume is then the probability map itself, which stitch links instead of recomputing. It is
+  written without compression, like the probability map (zstd costs CPU time and saves ~30 % on
+  probabilities); ``sum(w)`` keeps zarr's default codec (it shrinks 16x).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from torch import nn
 from vesicleflow.io import atomic_output, read_json
 from vesicleflow.model import load_model, pick_device
 from vesicleflow.tiling import gaussian_importance, shard_box
-from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, write_block
 
 log = logging.getLogger(__name__)
 
@@ -327,32 +330,38 @@ class _Accumulator:
         self.weighted[local] += probability[crop] * w
         self.weight_sum[local] += w
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def probability_and_weight(self) -> tuple[np.ndarray, np.ndarray]:
+        """sum(w*p) / sum(w) (0 where no window of the shard reaches) and sum(w), as numpy arrays."""
         if self.on_cpu:
-            return self.weighted, self.weight_sum
-        return self.weighted.cpu().numpy(), self.weight_sum.cpu().numpy()
+            weighted, weight_sum = self.weighted, self.weight_sum
+        else:
+            weighted, weight_sum = self.weighted.cpu().numpy(), self.weight_sum.cpu().numpy()
+        np.divide(weighted, weight_sum, out=weighted, where=weight_sum > 0)
+        return weighted, weight_sum
 
 
-def _write_shard(output, weighted: np.ndarray, weight_sum: np.ndarray, attrs: dict) -> None:
-    """The shard: two float32 zarr arrays ``weighted`` and ``weight`` with the box in their attrs
-    (read by stitch). ``weight`` (smooth and periodic) is compressed with zarr's default codec (16x
-    smaller, quickly); ``weighted`` is not: it is temporary and compresses poorly (0.7x) for the
-    CPU time that costs."""
+def _write_shard(output, probability: np.ndarray, weight_sum: np.ndarray, attrs: dict) -> None:
+    """The shard: two float32 zarr arrays ``probability`` and ``weight`` with the box in their attrs
+    (read by stitch). ``probability`` is laid out as stitch's probability map
+    (:func:`vesicleflow.volumes.create_volume`: uncompressed), so a shard covering the whole volume
+    can become that map as it is; ``weight`` (smooth and periodic) is compressed with zarr's
+    default codec (16x smaller, quickly)."""
     import zarr
 
     with atomic_output(output) as tmp:
-        for name, data, codec in (("weighted", weighted, {"compressors": None}), ("weight", weight_sum, {})):
-            chunks = tuple(min(c, s) for c, s in zip(DEFAULT_CHUNKS, data.shape))
-            array = zarr.create_array(store=str(Path(tmp) / name), shape=data.shape, chunks=chunks,
-                                      dtype="float32", fill_value=0, overwrite=True, **codec)
-            array.attrs.update(attrs)
-            array[...] = data
+        write_block(create_volume(Path(tmp) / "probability", probability.shape, "float32", attrs=attrs),
+                    (0, 0, 0), probability)
+        chunks = tuple(min(c, s) for c, s in zip(DEFAULT_CHUNKS, weight_sum.shape))
+        weight = zarr.create_array(store=str(Path(tmp) / "weight"), shape=weight_sum.shape, chunks=chunks,
+                                   dtype="float32", fill_value=0, overwrite=True)
+        weight.attrs.update(attrs)
+        weight[...] = weight_sum
 
 
 def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, output: str | Path,
                 model: str | Path | None = None, batch_size: int | None = None, tta: bool = False,
                 device: str = "auto", threads: int | None = None) -> Path:
-    """Predict every window of ``shard`` and write the weighted accumulations as a zarr."""
+    """Predict every window of ``shard`` and write its probability and weight as a zarr."""
     started = time.perf_counter()
     plan = read_json(plan_path)
     if not 0 <= shard < len(plan["shards"]):
@@ -396,7 +405,7 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
             log.info("shard %d: %d/%d windows, %.1f s", shard, done, len(origins), time.perf_counter() - began)
     t0 = time.perf_counter()
     attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard}
-    _write_shard(output, *acc.arrays(), attrs)
+    _write_shard(output, *acc.probability_and_weight(), attrs)
     stats = {"windows": len(origins), "window": window, "batch_size": batch_size, "device": str(dev),
              "network": form, "box_voxels": int(np.prod(box_shape)), "read_s": round(read_s, 3),
              "forward_s": round(forward_s, 3), "accumulate_s": round(accumulate_s, 3),
