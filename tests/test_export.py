@@ -126,6 +126,35 @@ def test_mrc_slab_writer_header_statistics_validate(tmp_path):
         assert (float(mrc.header.origin.z), float(mrc.header.origin.x)) == (1.0, 3.0)
 
 
+def test_zero_file_pages_stay_holes_and_every_byte_reads_back(tmp_path):
+    """Whatever the offset and wherever the data lie, the file holds exactly the bytes given; whole
+    file pages of zeros are not written (the sparse file's disk use shows it)."""
+    rng = np.random.default_rng(8)
+    for trial in range(60):
+        data = np.zeros(int(rng.integers(1, 30_000)), np.uint8)
+        for _ in range(int(rng.integers(0, 5))):
+            start = int(rng.integers(0, len(data)))
+            stop = min(len(data), start + int(rng.integers(1, 6000)))
+            data[start:stop] = rng.integers(1, 256, stop - start)
+        offset = int(rng.integers(0, 9000))
+        path = tmp_path / f"{trial}.bin"
+        with open(path, "wb") as handle:
+            handle.truncate(offset + len(data) + 100)
+            formats.write_leaving_holes(handle.fileno(), data, offset)
+        written = np.fromfile(path, np.uint8)
+        np.testing.assert_array_equal(written[offset:offset + len(data)], data)
+        assert not written[:offset].any() and not written[offset + len(data):].any()
+
+    labels = np.zeros((40, 64, 64), np.uint16)
+    labels[5:9, 10:20, 30:40] = 3
+    path = tmp_path / "labels.mrc"
+    formats.write_mrc_slabs(path, labels.shape, 6, 15.0, (0.0, 0.0, 0.0),
+                            ((z, labels[z:z + 7]) for z in range(0, 40, 7)))
+    with mrcfile.open(path) as mrc:
+        np.testing.assert_array_equal(mrc.data, labels)
+    assert path.stat().st_blocks * 512 < labels.nbytes / 4
+
+
 def test_label_statistics_from_value_counts_equal_the_plane_by_plane_ones():
     labels = np.random.default_rng(3).integers(0, 900, (5, 17, 19)).astype(np.uint16)
     labels[labels > 40] = 0  # mostly background, as label volumes are
@@ -154,6 +183,16 @@ def test_label_mrc_is_the_nearest_neighbour_resampling_renumbered(tmp_path):
             assert (float(header.dmin), float(header.dmax)) == (expected.min(), expected.max())
             assert float(header.dmean) == pytest.approx(expected.mean(), rel=1e-6)
             assert float(header.rms) == pytest.approx(expected.std(), rel=1e-6)
+    # every voxel in the output labelled, background only in model rows and columns it leaves out
+    mapping = GridMapping((9, 12, 10), 30.0, 20.0)
+    iz, iy, ix = nearest_source_indices(mapping.original_shape, mapping.model_shape, mapping.original_to_model)
+    model = np.zeros(mapping.model_shape, np.uint32)
+    model[np.ix_(iz, iy, ix)] = np.random.default_rng(6).integers(1, 6, (9, 12, 10))
+    assert not model.all()
+    write_label_mrc(tmp_path / "labels.mrc", model, mapping, np.array([0, 4, 9, 1, 2, 3], np.uint32))
+    with mrcfile.open(tmp_path / "labels.mrc") as mrc:
+        assert float(mrc.header.dmin) == mrc.data.min() > 0
+        assert float(mrc.header.dmax) == mrc.data.max()
 
 
 def test_label_mode_widens_past_uint16():

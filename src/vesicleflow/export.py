@@ -235,7 +235,8 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
 
     Model planes are read in whole zarr chunks (each read once); each is renumbered and resampled
     once, repeated original planes are copied. The header statistics come from the renumbered model
-    plane weighted by how often each row and column repeats, not from a scan of the larger output.
+    plane's labelled voxels, each weighted by how often its row and column repeat, not from a scan of
+    the larger output (the sums are of integers, exact below 2**53, so their order does not matter).
     """
     mode, dtype = formats.label_mrc_mode(int(label_to_id.max(initial=0)))
     iz, iy, ix = nearest_source_indices(mapping.original_shape, mapping.model_shape, mapping.original_to_model)
@@ -244,15 +245,18 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
     stats = formats.HeaderStats()
     row_weights = np.bincount(iy, minlength=mapping.model_shape[1]).astype(np.float64)
     col_weights = np.bincount(ix, minlength=mapping.model_shape[2]).astype(np.float64)
-    shown = np.ix_(np.flatnonzero(row_weights), np.flatnonzero(col_weights))  # model voxels in the output
+    shown_voxels = np.count_nonzero(row_weights) * np.count_nonzero(col_weights)  # model voxels in the output
 
     def moments(renumbered: np.ndarray) -> tuple:
-        values = renumbered.astype(np.float64)
-        seen = renumbered[shown]
-        # einsum's own loops: a BLAS matrix-vector product here spins up threads for a 1 ms job
-        return (len(iy) * len(ix), float(np.einsum("ij,j->i", values, col_weights) @ row_weights),
-                float(np.einsum("ij,ij,j->i", values, values, col_weights) @ row_weights),
-                float(seen.min()), float(seen.max()))
+        rows, cols = np.nonzero(renumbered)
+        weights = row_weights[rows] * col_weights[cols]
+        seen = weights > 0
+        values = renumbered[rows[seen], cols[seen]].astype(np.float64)
+        weighted = values * weights[seen]
+        low = 0.0 if len(values) < shown_voxels else float(values.min())
+        # einsum's own loop: BLAS (``@``) would start its threads, which then spin, for a 0.1 ms job
+        return (len(iy) * len(ix), float(weighted.sum()), float(np.einsum("i,i->", weighted, values)), low,
+                float(values.max(initial=0.0)))
 
     def slabs():  # one buffer for every slab (see write_mrc_slabs), the last plane kept for repeats
         planes = DEFAULT_CHUNKS[0]

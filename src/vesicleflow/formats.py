@@ -16,6 +16,7 @@ an integer value is a voxel centre. Each writer converts to its format's own con
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -202,7 +203,9 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
 
     mrcfile lays out the header on an empty (sparse) file of the final size; the slabs go in with
     plain file writes, which the kernel writes back by itself (through a memory map, written pages
-    count towards RSS until flushed, and flushing each slab waits for the disk). ``slabs`` yields
+    count towards RSS until flushed, and flushing each slab waits for the disk). File pages that
+    would hold only zero bytes are not written (:func:`write_leaving_holes`): they stay holes,
+    which read as zeros. ``slabs`` yields
     ``(z_start, array)`` covering every z plane once, and may reuse one buffer: each slab is written
     before the next is requested. Header statistics are accumulated on the way so the file
     validates without a second pass. A producer that can count them more cheaply from
@@ -222,8 +225,8 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
         plane_bytes = dtype.itemsize * shape[1] * shape[2]
         with open(tmp, "r+b") as handle:
             for z0, block in slabs:
-                handle.seek(data_offset + z0 * plane_bytes)
-                np.ascontiguousarray(block, dtype=dtype).tofile(handle)
+                write_leaving_holes(handle.fileno(), np.ascontiguousarray(block, dtype=dtype),
+                                    data_offset + z0 * plane_bytes)
                 if scan:
                     stats.add(block)
                 covered += len(block)
@@ -235,6 +238,38 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
             stats.write_to(mrc.header)
             if label:
                 mrc.add_label(label[:80])
+
+
+#: The unit of a file's page cache and of its holes.
+FILE_PAGE_BYTES = 4096
+
+
+def write_leaving_holes(descriptor: int, data: np.ndarray, offset: int) -> None:
+    """Write a contiguous array's bytes at ``offset`` of a file that reads as zeros there, skipping
+    every whole file page the bytes would fill with zeros.
+
+    Label volumes are mostly background: half of a crowded synapse's file pages hold only zeros, and
+    writing them took new page-cache memory (the costliest part of writing a file) and disk space
+    for nothing. Skipped pages stay holes in the sparse file, which every reader sees as zeros.
+    """
+    raw = data.reshape(-1).view(np.uint8)
+    head = min((-offset) % FILE_PAGE_BYTES, raw.size)
+    n_pages = (raw.size - head) // FILE_PAGE_BYTES
+    pages = raw[head:head + n_pages * FILE_PAGE_BYTES].reshape(n_pages, FILE_PAGE_BYTES)
+    nonzero = np.zeros(n_pages + 2, bool)  # bordered by written pieces: the head and the tail
+    nonzero[0] = nonzero[-1] = True
+    nonzero[1:-1] = pages.view(np.uint64).any(axis=1)
+    # page k of the padded row starts at byte head + (k - 1) * page; runs of written pages -> byte ranges
+    edges = np.flatnonzero(np.diff(nonzero.astype(np.int8)))
+    starts = np.concatenate([[0], edges[1::2] + 1])
+    stops = np.concatenate([edges[::2] + 1, [n_pages + 2]])
+    for first, stop in zip(starts, stops):
+        lo = max(0, head + (int(first) - 1) * FILE_PAGE_BYTES)
+        hi = min(raw.size, head + (int(stop) - 1) * FILE_PAGE_BYTES)
+        view = memoryview(raw[lo:hi])
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(descriptor, view[done:], offset + lo + done)
 
 
 def slab_planes(plane_shape, bytes_per_voxel: int, budget_bytes: int = 128 * 2**20) -> int:
