@@ -82,7 +82,7 @@ def test_scratch_folders_are_removed(tmp_path):
 
 #: Calls that write a file's content (name, or (module, name) where the name alone is too common).
 WRITE_CALLS = {"to_csv", "to_parquet", "to_json", "write_text", "write_bytes", "savefig", "save_file",
-               "create_volume", "create_array", "tofile", "open_memmap", "ParquetWriter", "imwrite",
+               "create_volume", "create_array", "tofile", "pwrite", "open_memmap", "ParquetWriter", "imwrite",
                ("np", "save"), ("np", "savez"), ("numpy", "save"), ("mrcfile", "new"), ("mrcfile", "new_mmap"),
                ("torch", "save")}
 #: (module, function) pairs allowed to write without atomic_output, and why.
@@ -91,6 +91,7 @@ NON_ATOMIC_ALLOWED = {
     ("bench.py", "run_measured"): "a child process's log, streamed while it runs",
     ("normalize.py", "__init__"): "_PlaneFile: a raw file inside the scratch_dir normalize_to_grid creates and removes",
     ("normalize.py", "write"): "_PlaneFile: writes planes into that scratch file",
+    ("formats.py", "write_leaving_holes"): "writes into a file its caller opened (write_mrc_slabs: an atomic temporary)",
 }
 
 
