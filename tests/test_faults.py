@@ -91,7 +91,7 @@ NON_ATOMIC_ALLOWED = {
     ("bench.py", "run_measured"): "a child process's log, streamed while it runs",
     ("normalize.py", "__init__"): "_PlaneFile: a raw file inside the scratch_dir normalize_to_grid creates and removes",
     ("normalize.py", "write"): "_PlaneFile: writes planes into that scratch file",
-    ("formats.py", "write_leaving_holes"): "writes into a file its caller opened (write_mrc_slabs: an atomic temporary)",
+    ("formats.py", "write_leaving_holes"): "writes into a file its caller opened (write_mrc_slabs: a temporary)",
 }
 
 
