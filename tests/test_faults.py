@@ -90,8 +90,7 @@ NON_ATOMIC_ALLOWED = {
     ("volumes.py", "create_volume"): "creates an array at the path its caller gives (an atomic temporary)",
     ("bench.py", "run_measured"): "a child process's log, streamed while it runs",
     ("normalize.py", "__init__"): "_PlaneFile: a raw file inside the scratch_dir normalize_to_grid creates and removes",
-    ("normalize.py", "write"): "_PlaneFile: writes planes into that scratch file",
-    ("formats.py", "write_leaving_holes"): "writes into a file its caller opened (write_mrc_slabs: a temporary)",
+    ("io.py", "pwrite_all"): "writes into a file its caller opened (normalize's scratch, write_mrc_slabs' temporary)",
 }
 
 

@@ -16,7 +16,6 @@ an integer value is a voxel centre. Each writer converts to its format's own con
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vesicleflow.io import atomic_output
+from vesicleflow.io import atomic_output, pwrite_all
 
 # ----------------------------------------------------------------------------------------- IMOD
 
@@ -266,10 +265,7 @@ def write_leaving_holes(descriptor: int, data: np.ndarray, offset: int) -> None:
     for first, stop in zip(starts, stops):
         lo = max(0, head + (int(first) - 1) * FILE_PAGE_BYTES)
         hi = min(raw.size, head + (int(stop) - 1) * FILE_PAGE_BYTES)
-        view = memoryview(raw[lo:hi])
-        done = 0
-        while done < view.nbytes:
-            done += os.pwrite(descriptor, view[done:], offset + lo + done)
+        pwrite_all(descriptor, raw[lo:hi], offset + lo)
 
 
 def slab_planes(plane_shape, bytes_per_voxel: int, budget_bytes: int = 128 * 2**20) -> int:

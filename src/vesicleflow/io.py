@@ -277,6 +277,15 @@ def pread_into(descriptor: int, out: np.ndarray, offset: int) -> int:
     return done
 
 
+def pwrite_all(descriptor: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at byte ``offset`` of an open file (positioned writes: threads may share
+    the descriptor)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(descriptor, view[done:], offset + done)
+
+
 class MrcVolume:
     """Read-only access to an MRC file's voxels that reads only the z-planes asked for.
 

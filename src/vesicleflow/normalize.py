@@ -16,7 +16,6 @@ of threads nor the slab sizes.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -31,6 +30,7 @@ from vesicleflow.io import (
     atomic_output,
     open_mrc_volume,
     pread_into,
+    pwrite_all,
     read_tomogram_info,
     scratch_dir,
 )
@@ -228,10 +228,8 @@ class _PlaneFile:
         self.handle.close()
 
     def write(self, start: int, planes: np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(planes, dtype=np.float32).reshape(-1).view(np.uint8))
-        done = 0
-        while done < view.nbytes:
-            done += os.pwrite(self.fd, view[done:], start * self.plane_bytes + done)
+        pwrite_all(self.fd, np.ascontiguousarray(planes, dtype=np.float32).reshape(-1).view(np.uint8),
+                   start * self.plane_bytes)
 
     def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
         """Planes [start, start + len(out)) into ``out`` (contiguous float32)."""
