@@ -16,7 +16,7 @@ from scipy import ndimage
 from vesicleflow import normalize, stitch
 from vesicleflow.io import InputError
 from vesicleflow.modelinfo import Preprocessing
-from vesicleflow.volumes import create_volume, read_full, write_block
+from vesicleflow.volumes import create_volume, read_box, read_full, write_block
 
 SHAPE = (47, 53, 61)  # odd sizes: partial slabs, bands and chunks everywhere
 
@@ -291,3 +291,70 @@ def test_write_block_stores_a_compressed_volumes_empty_chunks_and_reads_back_the
     assert (tmp_path / "fast.zarr" / "c" / "0" / "1" / "0").stat().st_size < 4096
     np.testing.assert_array_equal(fast[...], plain[...])
     np.testing.assert_array_equal(read_full(tmp_path / "fast.zarr"), labels)
+
+
+def test_read_box_reads_chunk_files_as_zarr_would(tmp_path, monkeypatch):
+    """Boxes across partial edge chunks and chunks never stored (read as the fill value) come out of
+    raw and Blosc-compressed chunk files as zarr reads them, without zarr's reader; strided keys go
+    through zarr; a truncated chunk file is an error naming it."""
+    rng = np.random.default_rng(9)
+    shape = (70, 130, 66)
+    values = rng.normal(size=shape).astype(np.float32)
+    values[:64, 64:128, :64] = 2.5  # chunk (0, 1, 0) holds only the fill value: zarr does not store it
+    raw = zarr.create_array(store=str(tmp_path / "raw.zarr"), shape=shape, chunks=(64, 64, 64), dtype="float32",
+                            fill_value=2.5, compressors=None)
+    raw[...] = values
+    assert not (tmp_path / "raw.zarr" / "c" / "0" / "1" / "0").exists()
+    labels = create_volume(tmp_path / "labels.zarr", shape, "uint16")
+    labels[...] = (values > 1).astype(np.uint16)
+    boxes = [(slice(0, 70), slice(0, 130), slice(0, 66)), (slice(3, 69), slice(60, 129), slice(1, 65)),
+             (slice(64, 70), slice(128, 130), slice(64, 66)), (slice(10, 10), slice(0, 5), slice(0, 5)),
+             (slice(None), slice(-20, None), slice(5, 200)), (slice(2, 67),)]
+    zarr_reads = []
+    getitem = zarr.Array.__getitem__
+    monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, key: zarr_reads.append(key) or getitem(self, key))
+    for box in boxes:
+        assert_bit_identical(read_box(raw, box), values[box])
+        np.testing.assert_array_equal(read_box(labels, box), (values[box] > 1).astype(np.uint16))
+    assert zarr_reads == []
+    assert_bit_identical(read_box(raw, (slice(0, 70, 2), slice(None), slice(None))), values[::2])
+    assert len(zarr_reads) == 1
+    for volume in ("raw.zarr", "labels.zarr"):
+        chunk = tmp_path / volume / "c" / "1" / "1" / "1"
+        chunk.write_bytes(chunk.read_bytes()[:-10])
+        with pytest.raises(OSError, match="c/1/1/1"):
+            read_box(raw if volume == "raw.zarr" else labels, boxes[0])
+
+
+def test_write_block_of_whole_chunks_writes_the_chunk_files_zarr_would_read(tmp_path, monkeypatch):
+    """Blocks of whole chunks (edge chunks partial) go into the chunk files without zarr's writer, raw
+    and compressed; zarr reads back what was written, an uncompressed volume's all-zero chunks are
+    left out (and one rewritten to zeros is removed) as zarr leaves them out, and a block that cuts
+    chunks is written by zarr."""
+    rng = np.random.default_rng(10)
+    shape = (70, 130, 66)
+    zarr_writes = []
+    setitem = zarr.Array.__setitem__
+    monkeypatch.setattr(zarr.Array, "__setitem__",
+                        lambda self, key, value: zarr_writes.append(key) or setitem(self, key, value))
+    for dtype in ("float32", "uint16"):
+        values = (rng.normal(size=shape) * 5).astype(dtype)
+        values[:64, 64:128, :64] = 0
+        fast = create_volume(tmp_path / f"fast_{dtype}.zarr", shape, dtype)
+        write_block(fast, (0, 0, 0), values[:64])
+        write_block(fast, (64, 0, 0), values[64:])
+        assert zarr_writes == []
+        np.testing.assert_array_equal(fast[...], values)
+        plain = create_volume(tmp_path / f"plain_{dtype}.zarr", shape, dtype)
+        setitem(plain, (slice(None),) * 3, values)
+        stored = [sorted(str(p.relative_to(folder)) for p in folder.rglob("c/*/*/*"))
+                  for folder in (tmp_path / f"fast_{dtype}.zarr", tmp_path / f"plain_{dtype}.zarr")]
+        assert ("c/0/1/0" in stored[0]) == (dtype == "uint16")  # compressed: every chunk stored, as before
+        assert [key for key in stored[0] if key != "c/0/1/0"] == [key for key in stored[1] if key != "c/0/1/0"]
+    fast = create_volume(tmp_path / "rewritten.zarr", shape, "float32")
+    write_block(fast, (0, 0, 0), np.ones(shape, np.float32))
+    write_block(fast, (0, 64, 0), np.zeros((70, 64, 66), np.float32))
+    assert not (tmp_path / "rewritten.zarr" / "c" / "0" / "1" / "0").exists()
+    np.testing.assert_array_equal(fast[:, 64:128], 0)
+    write_block(fast, (3, 0, 0), np.full((5, 5, 5), 7, np.float32))
+    assert len(zarr_writes) == 1 and fast[3, 0, 0] == 7 and fast[2, 0, 0] == 1

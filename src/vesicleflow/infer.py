@@ -43,7 +43,7 @@ from torch import nn
 from vesicleflow.io import atomic_output, read_json
 from vesicleflow.model import load_model, pick_device
 from vesicleflow.tiling import gaussian_importance, shard_box
-from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, write_block
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, read_box, write_block
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def _pad_window(data: np.ndarray, window: int) -> np.ndarray:
 def _read_window(volume, origin, window: int) -> np.ndarray:
     """A window of the volume, padded where the volume is smaller (the per-window reference path)."""
     box = tuple(slice(o, min(o + window, n)) for o, n in zip(origin, volume.shape))
-    return _pad_window(np.asarray(volume[box], dtype=np.float32), window)
+    return _pad_window(read_box(volume, box).astype(np.float32, copy=False), window)
 
 
 class _SlabReader:
@@ -260,7 +260,8 @@ class _SlabReader:
             for old in [k for k in self.slabs if k < z]:
                 del self.slabs[old]
             stop = min(z + self.window, self.volume.shape[0])
-            self.slabs[z] = np.asarray(self.volume[z:stop, self.y0:self.y1, self.x0:self.x1], dtype=np.float32)
+            box = (slice(z, stop), slice(self.y0, self.y1), slice(self.x0, self.x1))
+            self.slabs[z] = read_box(self.volume, box).astype(np.float32, copy=False)
         slab = self.slabs[z]
         w = self.window
         data = slab[:, y - self.y0: y - self.y0 + w, x - self.x0: x - self.x0 + w]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from skimage.segmentation import watershed
 from vesicleflow.grid import GridMapping, nearest_source_indices
 from vesicleflow.io import InputError, atomic_output, open_mrc_volume, scratch_dir
 from vesicleflow.parallel import ordered_map, process_pool
-from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, write_block, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, read_box, write_block, z_slabs
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +219,9 @@ def _segment_haloed_block(job: tuple) -> tuple:
     coordinates, row i for id i + 1). A piece is one component's kept part, cropped: the pieces hold
     about the kept voxels, not the block. Reads its inputs itself: worker processes get paths, not volumes."""
     probability, model_mask, inner, outer, threshold, voxel_nm, min_radius_nm, max_radius_nm, separation = job
-    foreground = np.asarray(open_volume(probability)[outer]) > threshold
+    foreground = read_box(open_volume(probability), outer) > threshold
     if model_mask is not None:
-        foreground &= np.asarray(open_volume(model_mask)[outer])
+        foreground &= read_box(open_volume(model_mask), outer)
     pieces, centres, n_in_core = [], [], 0
     if not foreground.any():
         return n_in_core, pieces, np.zeros((0, 3), np.int64)
@@ -263,15 +265,18 @@ def _compact(pieces: list) -> list:
     return [(tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high)), crop)]
 
 
-def _write_labels(labels, pieces: list) -> None:
+def _write_labels(labels, pieces: list, threads: int = 1) -> None:
     """Paste the pieces (box, ids, lookup table to final ids) into the labels volume, one box of whole
-    chunks at a time, each written once. A voxel keeps the id of the first piece that claims it."""
-    buffer = None
-    for box in _chunk_blocks(labels.shape, labels.dtype.itemsize):
+    chunks at a time, each written once, by ``threads`` threads. A voxel keeps the id of the first
+    piece that claims it."""
+    local = threading.local()
+
+    def write(box: tuple[slice, ...]) -> None:
         box = (*box, slice(0, labels.shape[2]))
-        if buffer is None:  # the first box is the largest; reused, its pages are faulted in once
-            buffer = np.zeros([s.stop - s.start for s in box], labels.dtype)
-        region = buffer[:box[0].stop - box[0].start, :box[1].stop - box[1].start]
+        shape = [s.stop - s.start for s in box]
+        if getattr(local, "buffer", None) is None or local.buffer.shape[1] < shape[1]:
+            local.buffer = np.zeros(shape, labels.dtype)  # reused: its pages are faulted in once
+        region = local.buffer[:shape[0], :shape[1]]
         region.fill(0)
         for piece_box, ids, lookup in pieces:
             overlap = tuple(slice(max(p.start, b.start), min(p.stop, b.stop)) for p, b in zip(piece_box, box))
@@ -281,6 +286,9 @@ def _write_labels(labels, pieces: list) -> None:
             source = ids[tuple(slice(s.start - p.start, s.stop - p.start) for s, p in zip(overlap, piece_box))]
             np.copyto(target, lookup[source], where=target == 0)  # lookup[0] == 0: background writes nothing
         write_block(labels, [s.start for s in box], region)
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="labels") as pool:
+        list(pool.map(write, _chunk_blocks(labels.shape, labels.dtype.itemsize)))  # raises a box's error
 
 
 def _label_boxes(pieces: list, count: int) -> np.ndarray:
@@ -359,7 +367,7 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
                 labels = create_volume(tmp, shape, dtype, attrs={**attrs, "count": count,
                                                                  "mask": str(mask) if mask else None,
                                                                  "boxes": _label_boxes(pieces, count).tolist()})
-                _write_labels(labels, pieces)
+                _write_labels(labels, pieces, workers)
     log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels, %d worker(s))",
              n_maxima, count, min_radius_nm, max_radius_nm, len(jobs), core, halo, workers)
     return count

@@ -25,7 +25,7 @@ from scipy import ndimage
 from vesicleflow.grid import GridMapping
 from vesicleflow.io import read_tomogram, read_tomogram_info, write_table
 from vesicleflow.parallel import ordered_map, process_pool
-from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume, read_box, z_slabs
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: fitting workers never need it (0.5 s each)
     import pandas as pd
@@ -295,7 +295,7 @@ def object_boxes(labels, planes: int = DEFAULT_CHUNKS[0]) -> tuple[np.ndarray, n
     lo = np.zeros((0, 3), np.int64)
     hi = np.zeros((0, 3), np.int64)
     for z0, z1 in z_slabs(labels.shape[0], planes):
-        found = ndimage.find_objects(np.asarray(labels[z0:z1]))
+        found = ndimage.find_objects(read_box(labels, (slice(z0, z1),)))
         if len(found) > len(lo):
             grow = len(found) - len(lo)
             lo = np.concatenate([lo, np.full((grow, 3), np.iinfo(np.int64).max)])
@@ -336,7 +336,7 @@ def labelled_objects(labels, boxes: tuple | None = None, planes: int = DEFAULT_C
         touching = np.flatnonzero((lo[:, 0] < z1) & (hi[:, 0] > z0))
         if not len(touching):
             continue
-        block = np.asarray(labels[z0:z1])
+        block = read_box(labels, (slice(z0, z1),))
         for i in touching:
             mask = masks.get(i)
             if mask is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vesicleflow.io import atomic_output
-from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, write_block, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, read_box, write_block, z_slabs
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ def stitch_shards(shards: list[str | Path], normalized: str | Path, output: str 
             if lo[0] >= hi[0] or lo[1] >= hi[1]:
                 continue
             target = (slice(lo[0] - z0, hi[0] - z0), slice(lo[1] - y0, hi[1] - y0), slice(start[2], stop[2]))
-            source = (slice(lo[0] - start[0], hi[0] - start[0]), slice(lo[1] - start[1], hi[1] - start[1]))
-            w = np.asarray(weight[source])
-            numerator[target] += np.asarray(probability[source]) * w
+            source = (slice(lo[0] - start[0], hi[0] - start[0]), slice(lo[1] - start[1], hi[1] - start[1]),
+                      slice(None))
+            w = read_box(weight, source)
+            numerator[target] += read_box(probability, source) * w
             denominator[target] += w
         if not denominator.min() > 0:
             raise ValueError(f"block z {z0}-{z1}, y {y0}-{y1}: some voxels were covered by no window; "

@@ -14,7 +14,7 @@ import numpy as np
 
 from vesicleflow.io import write_json
 from vesicleflow.modelinfo import load_model_info
-from vesicleflow.volumes import open_volume
+from vesicleflow.volumes import volume_shape
 
 #: Weight floor relative to the centre: keeps sum(w) > 0 where only window corners reach.
 WEIGHT_FLOOR = 1e-3
@@ -74,7 +74,7 @@ def tile_tomogram(normalized: str | Path, output: str | Path, model: str | Path 
         raise ValueError(f"window {window} must be a multiple of {info.architecture.divisor} for this model")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    plan = plan_windows(open_volume(normalized).shape, window, overlap, shards)
+    plan = plan_windows(volume_shape(normalized), window, overlap, shards)
     plan["requested_shards"] = int(shards)
     write_json(output, plan)
     return plan
