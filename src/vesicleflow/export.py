@@ -28,7 +28,7 @@ from vesicleflow import formats
 from vesicleflow.grid import GridMapping, nearest_source_indices
 from vesicleflow.io import read_tomogram, read_tomogram_info, write_json, write_table
 from vesicleflow.spherefit import fibonacci_directions, sample_trilinear
-from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume
+from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume, read_box
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +234,13 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
     """Resample model-grid labels to the original grid (nearest), renumbered to vesicle ids.
 
     Model planes are read in whole zarr chunks (each read once); each is renumbered and resampled
-    once, repeated original planes are copied. The header statistics come from the renumbered model
-    plane's labelled voxels, each weighted by how often its row and column repeat, not from a scan of
-    the larger output (the sums are of integers, exact below 2**53, so their order does not matter).
+    once into one plane buffer, written again for every original plane that repeats it. The header
+    statistics come from the renumbered model plane's labelled voxels, each weighted by how often its
+    row and column repeat, not from a scan of the larger output (the sums are of integers, exact
+    below 2**53, so their order does not matter).
     """
     mode, dtype = formats.label_mrc_mode(int(label_to_id.max(initial=0)))
     iz, iy, ix = nearest_source_indices(mapping.original_shape, mapping.model_shape, mapping.original_to_model)
-    step = formats.slab_planes(mapping.original_shape[1:], np.dtype(dtype).itemsize, 64 * 2**20)
     lut = label_to_id.astype(dtype)
     stats = formats.HeaderStats()
     row_weights = np.bincount(iy, minlength=mapping.model_shape[1]).astype(np.float64)
@@ -248,7 +248,7 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
     shown_voxels = np.count_nonzero(row_weights) * np.count_nonzero(col_weights)  # model voxels in the output
 
     def moments(renumbered: np.ndarray) -> tuple:
-        rows, cols = np.nonzero(renumbered)
+        rows, cols = np.divmod(np.flatnonzero(renumbered), renumbered.shape[1])  # np.nonzero's, in half the time
         weights = row_weights[rows] * col_weights[cols]
         seen = weights > 0
         values = renumbered[rows[seen], cols[seen]].astype(np.float64)
@@ -258,28 +258,24 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
         return (len(iy) * len(ix), float(weighted.sum()), float(np.einsum("i,i->", weighted, values)), low,
                 float(values.max(initial=0.0)))
 
-    def slabs():  # one buffer for every slab (see write_mrc_slabs), the last plane kept for repeats
-        planes = DEFAULT_CHUNKS[0]
-        buffer = np.empty((step, len(iy), len(ix)), dtype)
-        plane, previous, plane_moments = np.empty((len(iy), len(ix)), dtype), None, None
-        for b0 in range(0, mapping.model_shape[0], planes):
-            k0, k1 = (int(k) for k in np.searchsorted(iz, [b0, b0 + planes]))  # iz never decreases
+    def planes():  # one plane buffer: a repeated plane is written again, not copied
+        chunk = DEFAULT_CHUNKS[0]
+        plane, previous, plane_moments = np.empty((1, len(iy), len(ix)), dtype), None, None
+        for b0 in range(0, mapping.model_shape[0], chunk):
+            k0, k1 = (int(k) for k in np.searchsorted(iz, [b0, b0 + chunk]))  # iz never decreases
             if k0 == k1:
                 continue
-            block = np.asarray(model_labels[b0:b0 + planes])
-            for s0 in range(k0, k1, step):
-                out = buffer[:min(step, k1 - s0)]
-                for k, source_z in enumerate(iz[s0:s0 + len(out)]):
-                    if source_z != previous:  # renumber on the (smaller) model plane, then take rows and columns
-                        renumbered = lut[block[source_z - b0]]
-                        renumbered.take(iy, axis=0).take(ix, axis=1, out=plane)
-                        previous, plane_moments = source_z, moments(renumbered)
-                    out[k] = plane  # upsampling repeats planes: copied, not resampled again
-                    stats.add_moments(*plane_moments)
-                yield s0, out
+            block = read_box(model_labels, (slice(b0, b0 + chunk),))
+            for k in range(k0, k1):
+                if iz[k] != previous:  # renumber on the (smaller) model plane, then take rows and columns
+                    renumbered = lut.take(block[iz[k] - b0])  # lut[...]'s values, in half the time
+                    renumbered.take(iy, axis=0).take(ix, axis=1, out=plane[0])
+                    previous, plane_moments = iz[k], moments(renumbered)
+                stats.add_moments(*plane_moments)
+                yield k, plane
 
     formats.write_mrc_slabs(path, mapping.original_shape, mode, mapping.original_voxel_size_angstrom,
-                            mapping.origin_angstrom, slabs(), label="vesicleflow: vesicle instance labels",
+                            mapping.origin_angstrom, planes(), label="vesicleflow: vesicle instance labels",
                             stats=stats)
 
 

@@ -221,6 +221,11 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
         with mrcfile.new_mmap(tmp, shape=shape, mrc_mode=mrc_mode, overwrite=True) as mrc:
             dtype = mrc.data.dtype
             data_offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
+            mrc.voxel_size = voxel_size_angstrom
+            mrc.header.origin.z, mrc.header.origin.y, mrc.header.origin.x = origin_angstrom
+            if label:
+                mrc.add_label(label[:80])
+            header = mrc.header.copy()
         plane_bytes = dtype.itemsize * shape[1] * shape[2]
         with open(tmp, "r+b") as handle:
             for z0, block in slabs:
@@ -229,14 +234,12 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
                 if scan:
                     stats.add(block)
                 covered += len(block)
-        if covered != shape[0]:
-            raise RuntimeError(f"slabs covered {covered} of {shape[0]} planes")
-        with mrcfile.mmap(tmp, mode="r+") as mrc:
-            mrc.voxel_size = voxel_size_angstrom
-            mrc.header.origin.z, mrc.header.origin.y, mrc.header.origin.x = origin_angstrom
-            stats.write_to(mrc.header)
-            if label:
-                mrc.add_label(label[:80])
+            if covered != shape[0]:
+                raise RuntimeError(f"slabs covered {covered} of {shape[0]} planes")
+            # The statistics go into the header bytes directly: closing a memory map of the file
+            # (mrcfile.mmap) would msync it, waiting for the disk to take every page just written.
+            stats.write_to(header)
+            pwrite_all(handle.fileno(), header.tobytes(), 0)
 
 
 #: The unit of a file's page cache and of its holes.
@@ -295,8 +298,7 @@ def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray
     for z0 in range(0, nz, step):
         z1 = min(z0 + step, nz)
         labels, best = labels_buffer[:z1 - z0], best_buffer[:z1 - z0]
-        labels.fill(0)
-        best.fill(np.inf)
+        labels.fill(0)  # ``best`` is read only where a label is set: it needs no filling
         for i in order[(lo[order, 0] < z1) & (hi[order, 0] > z0)]:
             a = np.maximum(lo[i], [z0, 0, 0])
             b = np.minimum(hi[i], [z1, ny, nx])
@@ -305,7 +307,7 @@ def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray
             grids = np.ogrid[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
             q = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centres[i]))) / radii[i]
             box = (slice(a[0] - z0, b[0] - z0), slice(a[1], b[1]), slice(a[2], b[2]))
-            take = (q <= 1.0) & (q < best[box])
+            take = (q <= 1.0) & ((labels[box] == 0) | (q < best[box]))
             labels[box][take] = ids[i]
             best[box][take] = q[take]
         yield z0, labels
