@@ -159,9 +159,13 @@ def test_infer_shard_matches_the_per_window_reference(simulated, window, shards)
         out = infer_shard(normalized, plan_path, shard, root / f"shard_{window}_{shard}.zarr", batch_size=4,
                           device="cpu", threads=2)
         weighted, weight_sum = reference_shard(normalized, plan, shard)
-        got_probability, got_weight = read_full(out / "probability"), read_full(out / "weight")
-        assert dict(open_volume(out / "probability").attrs)["box_start"] == shard_box(plan, shard)[0]
-        np.testing.assert_array_equal(got_weight, weight_sum)
+        got_probability = read_full(out / "probability")
+        attrs = dict(open_volume(out / "probability").attrs)
+        assert attrs["box_start"] == shard_box(plan, shard)[0] and attrs["only_shard"] == (shards == 1)
+        if shards == 1:  # the plan's only shard: no weight, and every voxel reached
+            assert not (out / "weight").exists() and weight_sum.min() > 0
+        else:
+            np.testing.assert_array_equal(read_full(out / "weight"), weight_sum)
         covered = weight_sum > 0  # a shard's box may hold voxels none of its windows reach
         np.testing.assert_array_equal(got_probability[~covered], 0)
         np.testing.assert_allclose(got_probability[covered], weighted[covered] / weight_sum[covered],

@@ -159,8 +159,8 @@ def _kill_while_writing(command: list[str], output: Path, after_s: float, timeou
 
 def _volume_bytes(path: Path) -> tuple[bytes, str]:
     """A zarr array's voxels and attributes (an inference shard: both of its arrays)."""
-    if (path / "probability").is_dir() and (path / "weight").is_dir():
-        parts = [_volume_bytes(path / name) for name in ("probability", "weight")]
+    if (path / "probability").is_dir():
+        parts = [_volume_bytes(path / name) for name in ("probability", "weight") if (path / name).is_dir()]
         return b"".join(p[0] for p in parts), "".join(p[1] for p in parts)
     array = open_volume(path)
     return np.asarray(array[...]).tobytes(), json.dumps(dict(array.attrs), sort_keys=True)
@@ -266,9 +266,9 @@ def test_out_of_memory_halves_the_batch_and_logs_it(stage_inputs, model_copy, tm
     messages = [r.getMessage() for r in caplog.records]
     assert "GPU out of memory with a batch of 4 windows; retrying with 2" in messages
     assert "GPU out of memory with a batch of 2 windows; retrying with 1" in messages
-    for name in ("probability", "weight"):  # the same result, up to float rounding of other batch sizes
-        np.testing.assert_allclose(open_volume(tmp_path / "backoff.zarr" / name)[...],
-                                   open_volume(tmp_path / "plain.zarr" / name)[...], atol=1e-5)
+    # the same result, up to float rounding of other batch sizes (a one-shard plan: no weight array)
+    np.testing.assert_allclose(open_volume(tmp_path / "backoff.zarr" / "probability")[...],
+                               open_volume(tmp_path / "plain.zarr" / "probability")[...], atol=1e-5)
 
 
 def test_out_of_memory_with_one_window_is_not_retried_forever(monkeypatch):

@@ -228,6 +228,24 @@ def test_one_shard_covering_the_volume_becomes_the_map_by_links(tmp_path, monkey
     np.testing.assert_allclose(read_full(computed), probability, rtol=2e-7, atol=0)
 
 
+def test_a_plans_only_shard_needs_no_weight_and_is_never_combined(tmp_path):
+    """infer writes a plan's only shard without its weight: stitched (here recomputed, its probability
+    stored compressed), the map is its probability bit for bit; alongside another shard it is refused."""
+    import shutil
+
+    shape = (150, 141, 77)
+    only, other = make_shards(tmp_path, shape, [((0, 0, 0), shape), ((0, 0, 0), shape)])
+    probability = read_full(only / "probability")
+    attrs = {**dict(zarr.open_array(str(only / "probability"), mode="r").attrs), "only_shard": True}
+    shutil.rmtree(only)
+    create_volume(only / "probability", shape, "float32", attrs=attrs, compressed=True)[...] = probability
+    stitched = stitch.stitch_shards([only], tmp_path / "n.zarr", tmp_path / "map.zarr", threads=2)
+    assert_bit_identical(read_full(stitched), probability)
+    with pytest.raises(ValueError, match="the only shard of its tiling plan"):
+        stitch.stitch_shards([only, other], tmp_path / "n.zarr", tmp_path / "mixed.zarr", threads=2)
+    assert not (tmp_path / "mixed.zarr").exists()
+
+
 def test_stitch_reports_uncovered_voxels_and_worker_failures_with_no_output(tmp_path, monkeypatch):
     """A gap between shards is reported for the first block it is in; a worker that fails mid-volume
     stops the stage with its exception. Either way no output or temporary is left."""

@@ -1,7 +1,8 @@
 """stitch: probability map = sum over shards of w_k * p_k / sum over shards of w_k.
 
 Each shard k holds its own probability p_k = sum(w*p) / sum(w) over its windows and its weight
-w_k = sum(w), so the weighted mean over shards is the weighted mean over every window.
+w_k = sum(w), so the weighted mean over shards is the weighted mean over every window. A tiling
+plan's only shard holds no weight: alone, it is the map whatever its weight.
 
 Kept on disk (zarr, model grid): it is the cache that post-processing re-runs from. Works block by
 block (whole zarr chunks along z, bands of rows along y), so peak memory is a few blocks whatever
@@ -55,10 +56,14 @@ def stitch_shards(shards: list[str | Path], normalized: str | Path, output: str 
     parts = []
     for shard in shards:
         probability = open_volume(Path(shard) / "probability")
-        weight = open_volume(Path(shard) / "weight")
         start, stop = probability.attrs["box_start"], probability.attrs["box_stop"]
         if list(probability.attrs["shape"]) != list(shape):
             raise ValueError(f"{shard}: made for a volume of shape {probability.attrs['shape']}, not {list(shape)}")
+        only_shard = probability.attrs.get("only_shard", False)
+        if only_shard and len(shards) > 1:
+            raise ValueError(f"{shard}: the only shard of its tiling plan, which cannot be combined with other "
+                             "shards; were the tiles re-planned without re-running inference?")
+        weight = None if only_shard else open_volume(Path(shard) / "weight")
         parts.append((probability, weight, start, stop))
 
     def combine(z0: int, z1: int, y0: int, y1: int) -> None:
@@ -73,6 +78,10 @@ def stitch_shards(shards: list[str | Path], normalized: str | Path, output: str 
             target = (slice(lo[0] - z0, hi[0] - z0), slice(lo[1] - y0, hi[1] - y0), slice(start[2], stop[2]))
             source = (slice(lo[0] - start[0], hi[0] - start[0]), slice(lo[1] - start[1], hi[1] - start[1]),
                       slice(None))
+            if weight is None:  # the plan's only shard: the map is its probability, whatever its weight
+                numerator[target] += read_box(probability, source)
+                denominator[target] += 1
+                continue
             w = read_box(weight, source)
             numerator[target] += read_box(probability, source) * w
             denominator[target] += w
