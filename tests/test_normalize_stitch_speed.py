@@ -16,7 +16,7 @@ from scipy import ndimage
 from vesicleflow import normalize, stitch
 from vesicleflow.io import InputError
 from vesicleflow.modelinfo import Preprocessing
-from vesicleflow.volumes import create_volume, read_box, read_full, write_block
+from vesicleflow.volumes import ChunkFiles, create_volume, read_box, read_full, write_block
 
 SHAPE = (47, 53, 61)  # odd sizes: partial slabs, bands and chunks everywhere
 
@@ -376,3 +376,22 @@ def test_write_block_of_whole_chunks_writes_the_chunk_files_zarr_would_read(tmp_
     np.testing.assert_array_equal(fast[:, 64:128], 0)
     write_block(fast, (3, 0, 0), np.full((5, 5, 5), 7, np.float32))
     assert len(zarr_writes) == 1 and fast[3, 0, 0] == 7 and fast[2, 0, 0] == 1
+
+
+@pytest.mark.parametrize("compressor", ["blosc-zstd-bitshuffle", "zstd"])
+def test_chunk_files_follow_the_arrays_own_codec(tmp_path, compressor):
+    """Another Blosc set-up is read and written through the chunk files with its own settings; a
+    codec they do not handle (zarr's zstd) goes through zarr; either way zarr reads back the data."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    codec = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle") if compressor.startswith("blosc") else ZstdCodec()
+    values = np.random.default_rng(11).integers(0, 5, size=(70, 130, 66)).astype(np.uint16)
+    array = zarr.create_array(store=str(tmp_path / "v.zarr"), shape=values.shape, chunks=(64, 64, 64),
+                              dtype="uint16", fill_value=0, compressors=codec)
+    files = ChunkFiles.of(array)
+    assert (files is not None) == compressor.startswith("blosc")
+    if files is not None:
+        assert files.codec.get_config()["shuffle"] == 2 and files.codec.get_config()["cname"] == "zstd"
+    write_block(array, (0, 0, 0), values)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "v.zarr"), mode="r")[...], values)
+    np.testing.assert_array_equal(read_box(array, (slice(5, 70), slice(60, 130))), values[5:, 60:])
