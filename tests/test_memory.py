@@ -168,10 +168,11 @@ def test_stitch_is_the_same_in_any_block_size(tmp_path, monkeypatch):
                                   whole)
 
 
-def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
+def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeypatch):
     """Touching vesicles, vesicles across block borders, blobs too small and too large: the blocked
-    result (in one process or two) equals the single-block one voxel for voxel, labels numbered
-    identically."""
+    result (in one process or two, its labels written by one thread or three, in any box order)
+    equals the single-block one voxel for voxel, labels numbered identically."""
+    from vesicleflow import postprocess
     from vesicleflow.postprocess import block_cores, halo_voxels, postprocess_probability, separate_instances
     from vesicleflow.spherefit import object_boxes, stored_object_boxes
 
@@ -209,6 +210,13 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path):
                             capture_output=True, text=True, env=cli_env(), check=True)
     assert "2 worker processes (forked)" in forked.stderr
     np.testing.assert_array_equal(read_full(tmp_path / "cli.zarr"), whole)
+    chunk_blocks = postprocess._chunk_blocks  # boxes of 64 and 56 rows, the smaller first
+    monkeypatch.setattr(postprocess, "_chunk_blocks",
+                        lambda shape, size: reversed(list(chunk_blocks(shape, size, size * 48 * 64 * 136))))
+    for workers in (1, 3):  # one thread: its buffer must grow for the second box
+        postprocess_probability(tmp_path / "p.zarr", tmp_path / f"threads{workers}.zarr", **kwargs,
+                                block_voxels=budget, workers=workers)
+        np.testing.assert_array_equal(read_full(tmp_path / f"threads{workers}.zarr"), whole)
 
 
 @pytest.mark.parametrize("scene", ["over 255 objects", "ball inside a shell"])

@@ -274,7 +274,7 @@ def _write_labels(labels, pieces: list, threads: int = 1) -> None:
     def write(box: tuple[slice, ...]) -> None:
         box = (*box, slice(0, labels.shape[2]))
         shape = [s.stop - s.start for s in box]
-        if getattr(local, "buffer", None) is None or local.buffer.shape[1] < shape[1]:
+        if getattr(local, "buffer", None) is None or any(b < n for b, n in zip(local.buffer.shape, shape)):
             local.buffer = np.zeros(shape, labels.dtype)  # reused: its pages are faulted in once
         region = local.buffer[:shape[0], :shape[1]]
         region.fill(0)
