@@ -60,12 +60,12 @@ def write_block(array, start, block: np.ndarray) -> None:
     leave out an uncompressed array's all-fill chunks unless no chunk the block touches can be all
     fill (:func:`_touches_no_empty_chunk`); the data read back is the same either way.
     """
+    store_every_chunk = bool(array.compressors) or _touches_no_empty_chunk(array, start, block)
     files = ChunkFiles.of(array)
-    may_be_empty = not _touches_no_empty_chunk(array, start, block)
     if files is not None and files.holds_whole_chunks(start, block.shape):
-        files.write(start, block, skip_fill=may_be_empty and not files.compressed)
+        files.write(start, block, skip_fill=not store_every_chunk)
         return
-    if array.compressors or not may_be_empty:
+    if store_every_chunk:
         array = array.with_config({"write_empty_chunks": True})
     array[tuple(slice(a, a + n) for a, n in zip(start, block.shape))] = block
 
