@@ -270,11 +270,27 @@ def test_run_measured_reports_the_childs_own_peak_memory(tmp_path):
     del _ballast
 
 
+def test_run_measured_tells_system_time_from_user_time(tmp_path):
+    """The kernel's share of a stage's CPU time (where a virtual machine pays for fresh memory) is
+    reported on its own: a loop of reads from /dev/zero is system time, a Python loop user time."""
+    kernel = bench.run_measured([bench.sys.executable, "-c", "import os\nfd = os.open('/dev/zero', os.O_RDONLY)\n"
+                                 "for _ in range(300): os.read(fd, 2**22)"], tmp_path / "kernel.log")
+    user = bench.run_measured([bench.sys.executable, "-c", "sum(i * i for i in range(4_000_000))"],
+                              tmp_path / "user.log")
+    assert kernel.returncode == user.returncode == 0
+    assert 0 <= kernel.system_s <= kernel.cpu_s and 0 <= user.system_s <= user.cpu_s
+    assert kernel.system_s > 0.5 * kernel.cpu_s
+    assert user.system_s < 0.5 * user.cpu_s
+
+
 def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
     """Every stage runs, the table prints, the JSON holds the figures the README quotes."""
     report = bench.run_benchmark(tmp_path, shapes=[(24, 64, 64)], dryrun_tomograms=0, base_shape=(24, 64, 64),
-                                 ceiling_side=32)
+                                 ceiling_side=32, probe_bytes=3 * 2**20)
     saved = json.loads((tmp_path / "bench.json").read_text())
+    probe = saved["machine"]["new_file_write"]
+    assert probe["mib"] == pytest.approx(3.0, abs=0.01) and probe["wall_s"] > 0 and probe["system_s"] >= 0
+    assert not (tmp_path / ".new_file_write_probe").exists()
     assert saved["tomograms"][0]["shape_zyx"] == [24, 64, 64]
     row = report["tomograms"][0]
     assert list(row["stages"]) == list(bench.STAGES)
@@ -285,12 +301,14 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
     assert row["stages"]["infer"]["infer"]["windows"] == 1
     assert row["inference_efficiency"] > 0 and 0 < row["non_inference_share"] < 1
     assert 0 < row["non_inference_share_cpu_time"] < 1
+    assert all(0 <= s["system_s"] <= s["cpu_s"] for s in row["stages"].values())
+    assert row["total_system_s"] == pytest.approx(sum(s["system_s"] for s in row["stages"].values()), abs=0.01)
     if sys.platform == "linux":  # the hypervisor's share, per stage and in all (0 on bare metal)
         assert all(s["steal_s"] >= 0 for s in row["stages"].values())
         assert row["steal_s"] == pytest.approx(sum(s["steal_s"] for s in row["stages"].values()), abs=0.05)
     assert report["conv3d_ceiling"]["flops_per_s"] > 1e8
     text = (tmp_path / "bench.txt").read_text()
-    for word in ("normalize", "export", "total", "FLOPs per voxel", "targets:"):
+    for word in ("normalize", "export", "total", "sys s", "writing a new 3 MiB file", "FLOPs per voxel", "targets:"):
         assert word in text
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     # the tomogram is reused by a second run
@@ -302,7 +320,7 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
 def test_targets_and_scaling_from_a_report():
     def row(voxels, seconds, rss_over_float32):
         rss = rss_over_float32 * 4 * voxels / 2**20
-        stages = {s: {"wall_s": seconds / 7, "cpu_s": 1.0, "peak_rss_mb": rss,
+        stages = {s: {"wall_s": seconds / 7, "cpu_s": 1.0, "system_s": 0.1, "peak_rss_mb": rss,
                       "peak_rss_over_float32": rss_over_float32} for s in bench.STAGES}
         return {"shape_zyx": [voxels, 1, 1], "voxels": voxels, "stages": stages, "total_wall_s": seconds,
                 "peak_rss_mb": rss, "inference_efficiency": 0.6, "non_inference_share": 0.2}

@@ -73,6 +73,7 @@ class StageRun:
     returncode: int
     extra: dict = field(default_factory=dict)
     steal_s: float | None = None
+    system_s: float = 0.0
 
 
 def stolen_cpu_s() -> float | None:
@@ -132,7 +133,8 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - began
 with open(sys.argv[1], "w") as handle:
-    json.dump({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss": usage.ru_maxrss,
+    json.dump({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "system_s": usage.ru_stime,
+               "maxrss": usage.ru_maxrss,
                "returncode": os.waitstatus_to_exitcode(status)}, handle)
 """
 
@@ -152,7 +154,34 @@ def run_measured(command: list[str], log_path: Path, env: dict | None = None, st
     rss_mb = usage["maxrss"] / (2**20 if sys.platform == "darwin" else 1024)
     stolen_after = stolen_cpu_s()
     steal = stolen_after - stolen_before if stolen_before is not None and stolen_after is not None else None
-    return StageRun(stage or command[0], usage["wall_s"], usage["cpu_s"], rss_mb, usage["returncode"], steal_s=steal)
+    return StageRun(stage or command[0], usage["wall_s"], usage["cpu_s"], rss_mb, usage["returncode"], steal_s=steal,
+                    system_s=usage["system_s"])
+
+
+def new_file_write_cost(folder: Path, size_bytes: int = 2**30) -> dict:
+    """Wall and system time of writing a new ``size_bytes`` file (1 MiB writes, no sync), then deleted.
+
+    Every stage's outputs are new files, each page of them new page-cache memory. On a virtual
+    machine whose host takes back the guest's free memory (virtio-balloon free page reporting) that
+    memory must be supplied again, page by page: the same write then costs 10-40x more system time,
+    and the whole pipeline slows with it. This tells that state from a slow pipeline."""
+    import resource
+
+    path = Path(folder) / ".new_file_write_probe"
+    piece = np.ones(2**20, np.uint8)
+    before, began = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for offset in range(0, size_bytes, piece.nbytes):
+                os.pwrite(descriptor, piece[:size_bytes - offset], offset)
+        finally:
+            os.close(descriptor)
+        wall = time.perf_counter() - began
+    finally:
+        path.unlink(missing_ok=True)
+    system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+    return {"mib": round(size_bytes / 2**20, 1), "wall_s": round(wall, 3), "system_s": round(system, 3)}
 
 
 def count_flops_per_voxel(net, window: int, device="cpu") -> float:
@@ -423,7 +452,7 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
     voxels = math.prod(shape)
     model_voxels = math.prod(model_shape)
     float32_mb = 4 * voxels / 2**20
-    stages = {r.stage: {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3),
+    stages = {r.stage: {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3), "system_s": round(r.system_s, 3),
                         "peak_rss_mb": round(r.peak_rss_mb, 1),
                         "peak_rss_over_float32": round(r.peak_rss_mb / float32_mb, 3),
                         "steal_s": None if r.steal_s is None else round(r.steal_s, 2),
@@ -442,6 +471,7 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
         "window_redundancy": round(redundancy, 3),
         "stages": stages,
         "total_wall_s": round(total, 3), "total_cpu_s": round(sum(r.cpu_s for r in runs), 3),
+        "total_system_s": round(sum(r.system_s for r in runs), 3),
         "peak_rss_mb": round(max(r.peak_rss_mb for r in runs), 1),
         "non_inference_share": round((total - infer.wall_s) / total, 4),
         "non_inference_share_cpu_time": round(1 - infer.cpu_s / sum(r.cpu_s for r in runs), 4),
@@ -466,7 +496,7 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
 def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: float = DEFAULT_VOXEL_SIZE_ANGSTROM,
                   threads: int = 2, batch_size: int | None = None, overlap: float = 0.25, device: str = "auto",
                   dryrun_tomograms: int = 1000, keep: bool = False, base_shape=BASE_SHAPE,
-                  ceiling_side: int = CEILING_CONV["side"]) -> dict:
+                  ceiling_side: int = CEILING_CONV["side"], probe_bytes: int = 2**30) -> dict:
     """Generate (or reuse) the tomograms, run every stage on each, and write ``<out>/bench.json``
     and ``<out>/bench.txt`` (the table). Returns the report."""
     from vesicleflow.infer import default_batch_size
@@ -502,6 +532,7 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
         log.info("%s: %.1f s in all", tomogram.name, sum(r.wall_s for r in runs))
         if not keep:
             shutil.rmtree(work)
+    report["machine"]["new_file_write"] = new_file_write_cost(out, probe_bytes)
     # the ceiling is the machine's best: measured before and after the runs (a busy machine lowers it)
     ceilings.append(conv3d_ceiling(dev, threads, side=ceiling_side))
     ceiling = max(ceilings, key=lambda c: c["flops_per_s"])
@@ -590,6 +621,9 @@ def format_report(report: dict) -> str:
     lines = [f"vesicleflow bench: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, "
              f"device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
              f"load average at start {m['load_average']}, at end {m.get('load_average_end')}",
+             f"writing a new {m['new_file_write']['mib']:g} MiB file after the runs: "
+             f"{m['new_file_write']['wall_s']:.2f} s ({m['new_file_write']['system_s']:.2f} s system time; "
+             "many seconds where the host must supply fresh memory, see README)",
              f"input voxel size {report['settings']['voxel_size_angstrom']:g} Å -> model grid "
              f"{report['model']['voxel_size_angstrom']:g} Å; window {report['model']['window']}, overlap "
              f"{report['settings']['overlap']}, batch {report['settings']['batch_size']}, "
@@ -598,7 +632,8 @@ def format_report(report: dict) -> str:
              f"executes {report['model']['executed_flops_per_voxel']:,.0f}); conv3d ceiling "
              f"{report['conv3d_ceiling']['flops_per_s'] / 1e9:.1f} GFLOP/s ({report['conv3d_ceiling']['conv']}, "
              f"{report['conv3d_ceiling']['layout']})", ""]
-    header = f"{'stage':<12}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}{'RSS/f32':>9}{'share':>8}{'steal s':>9}"
+    header = (f"{'stage':<12}{'wall s':>9}{'CPU s':>9}{'sys s':>8}{'peak RSS MB':>13}{'RSS/f32':>9}{'share':>8}"
+              f"{'steal s':>9}")
     for t in report["tomograms"]:
         shape = "x".join(map(str, t["shape_zyx"]))
         model = "x".join(map(str, t["model_shape_zyx"]))
@@ -607,10 +642,12 @@ def format_report(report: dict) -> str:
                   f"(redundancy {t['window_redundancy']:.2f})", header]
         for stage, row in t["stages"].items():
             steal = "" if row.get("steal_s") is None else f"{row['steal_s']:>9.2f}"
-            lines.append(f"{stage:<12}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['peak_rss_mb']:>13.0f}"
+            lines.append(f"{stage:<12}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['system_s']:>8.2f}"
+                         f"{row['peak_rss_mb']:>13.0f}"
                          f"{row['peak_rss_over_float32']:>9.2f}{row['wall_s'] / t['total_wall_s']:>8.1%}{steal}")
         steal = "" if t.get("steal_s") is None else f"{'':>17}{t['steal_s']:>9.2f}"
-        lines.append(f"{'total':<12}{t['total_wall_s']:>9.2f}{t['total_cpu_s']:>9.2f}{t['peak_rss_mb']:>13.0f}{steal}")
+        lines.append(f"{'total':<12}{t['total_wall_s']:>9.2f}{t['total_cpu_s']:>9.2f}{t['total_system_s']:>8.2f}"
+                     f"{t['peak_rss_mb']:>13.0f}{steal}")
         infer = t["stages"]["infer"].get("infer", {})
         extras = [f"forward only: {t['forward_efficiency']:.0%}"] if "forward_efficiency" in t else []
         if "inference_efficiency_cpu_time" in t:
