@@ -159,7 +159,8 @@ def run_measured(command: list[str], log_path: Path, env: dict | None = None, st
 
 
 def new_file_write_cost(folder: Path, size_bytes: int = 2**30) -> dict:
-    """Wall and system time of writing a new ``size_bytes`` file (1 MiB writes, no sync), then deleted.
+    """Wall and system time of writing a new ``size_bytes`` file (1 MiB writes, no sync) in a scratch
+    folder of ``folder`` that is then deleted.
 
     Every stage's outputs are new files, each page of them new page-cache memory. On a virtual
     machine whose host takes back the guest's free memory (virtio-balloon free page reporting) that
@@ -167,20 +168,19 @@ def new_file_write_cost(folder: Path, size_bytes: int = 2**30) -> dict:
     and the whole pipeline slows with it. This tells that state from a slow pipeline."""
     import resource
 
-    path = Path(folder) / ".new_file_write_probe"
+    from vesicleflow.io import pwrite_all, scratch_dir
+
     piece = np.ones(2**20, np.uint8)
-    before, began = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with scratch_dir(Path(folder) / "new_file_write_probe") as scratch:
+        before, began = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
+        descriptor = os.open(scratch / "probe", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for offset in range(0, size_bytes, piece.nbytes):
-                os.pwrite(descriptor, piece[:size_bytes - offset], offset)
+                pwrite_all(descriptor, piece[:size_bytes - offset], offset)
         finally:
             os.close(descriptor)
         wall = time.perf_counter() - began
-    finally:
-        path.unlink(missing_ok=True)
-    system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+        system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
     return {"mib": round(size_bytes / 2**20, 1), "wall_s": round(wall, 3), "system_s": round(system, 3)}
 
 
