@@ -274,8 +274,9 @@ def _write_labels(labels, pieces: list, threads: int = 1) -> None:
     def write(box: tuple[slice, ...]) -> None:
         box = (*box, slice(0, labels.shape[2]))
         shape = [s.stop - s.start for s in box]
-        if getattr(local, "buffer", None) is None or any(b < n for b, n in zip(local.buffer.shape, shape)):
-            local.buffer = np.zeros(shape, labels.dtype)  # reused: its pages are faulted in once
+        held = getattr(local, "buffer", None)
+        if held is None or any(b < n for b, n in zip(held.shape, shape)):  # grown to fit every box so far
+            local.buffer = np.zeros(tuple(np.maximum(held.shape, shape) if held is not None else shape), labels.dtype)
         region = local.buffer[:shape[0], :shape[1]]
         region.fill(0)
         for piece_box, ids, lookup in pieces:
