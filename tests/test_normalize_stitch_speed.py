@@ -314,7 +314,8 @@ def test_write_block_stores_a_compressed_volumes_empty_chunks_and_reads_back_the
 def test_read_box_reads_chunk_files_as_zarr_would(tmp_path, monkeypatch):
     """Boxes across partial edge chunks and chunks never stored (read as the fill value) come out of
     raw and Blosc-compressed chunk files as zarr reads them, without zarr's reader; strided keys go
-    through zarr; a truncated chunk file is an error naming it."""
+    through zarr; either way into a caller's reused buffer too; a truncated chunk file is an error
+    naming it."""
     rng = np.random.default_rng(9)
     shape = (70, 130, 66)
     values = rng.normal(size=shape).astype(np.float32)
@@ -331,12 +332,21 @@ def test_read_box_reads_chunk_files_as_zarr_would(tmp_path, monkeypatch):
     zarr_reads = []
     getitem = zarr.Array.__getitem__
     monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, key: zarr_reads.append(key) or getitem(self, key))
+    reused = np.full(values.size + 7, np.nan, np.float32)  # a caller's buffer, larger than any box
     for box in boxes:
         assert_bit_identical(read_box(raw, box), values[box])
+        into = read_box(raw, box, out=reused)
+        assert_bit_identical(into, values[box])
+        assert into.size == 0 or np.shares_memory(into, reused)
         np.testing.assert_array_equal(read_box(labels, box), (values[box] > 1).astype(np.uint16))
     assert zarr_reads == []
     assert_bit_identical(read_box(raw, (slice(0, 70, 2), slice(None), slice(None))), values[::2])
-    assert len(zarr_reads) == 1
+    assert_bit_identical(read_box(raw, (slice(0, 70, 2),), out=reused), values[::2])
+    assert len(zarr_reads) == 2
+    with pytest.raises(ValueError, match="cannot hold"):
+        read_box(raw, boxes[0], out=reused[:100])
+    with pytest.raises(ValueError, match="cannot hold"):
+        read_box(labels, boxes[0], out=reused)  # float32 buffer for uint16 labels
     for volume in ("raw.zarr", "labels.zarr"):
         chunk = tmp_path / volume / "c" / "1" / "1" / "1"
         chunk.write_bytes(chunk.read_bytes()[:-10])

@@ -16,6 +16,7 @@ of threads nor the slab sizes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -27,7 +28,9 @@ from vesicleflow.grid import GridMapping
 from vesicleflow.io import (
     InputError,
     MrcVolume,
+    aligned_empty,
     atomic_output,
+    open_for_io,
     open_mrc_volume,
     pread_into,
     pwrite_all,
@@ -97,7 +100,7 @@ class _Buffers:
     def get(self, name: str, shape, dtype=np.float32) -> np.ndarray:
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if name not in self._bytes or self._bytes[name].size < size:
-            self._bytes[name] = np.empty(size, np.uint8)
+            self._bytes[name] = aligned_empty(size, np.uint8)  # aligned for direct I/O
         return self._bytes[name][:size].view(dtype).reshape(shape)
 
 
@@ -131,8 +134,7 @@ def _resample_slab(volume: MrcVolume, mapping: GridMapping, out_start: int, out_
     lo_in = max(0, int(np.floor(z_src.min())) - halo_in)
     hi_in = min(volume.shape[0], int(np.ceil(z_src.max())) + halo_in + 1)
     block = buffers.get("block", (hi_in - lo_in, *volume.shape[1:]))
-    raw = None if volume.dtype == block.dtype else buffers.get("raw", block.shape, volume.dtype)
-    volume.read_into(lo_in, block, raw)
+    volume.read_into(lo_in, block, buffers.get("scratch", volume.scratch_bytes(len(block)), np.uint8))
     low, high = _finite_range(block, lo_in)
     if sigma_in > 0:
         from scipy import ndimage  # only here: importing it takes a third of a second
@@ -212,20 +214,20 @@ class _PlaneFile:
 
     Not a memory map: a map's touched pages count towards the process's RSS (and a cluster job's
     memory limit) until written back, which for a large tomogram is the whole model grid. Reads and
-    writes are positioned (pread / pwrite), so threads may share it.
+    writes are positioned (pread / pwrite), so threads may share it, and direct (:func:`open_for_io`)
+    where the planes fill whole disk blocks.
     """
 
     def __init__(self, path: Path, shape):
         self.shape = tuple(int(n) for n in shape)
         self.plane_bytes = 4 * self.shape[1] * self.shape[2]
-        self.handle = open(path, "w+b")  # noqa: SIM115 (closed on leaving the with block)
-        self.fd = self.handle.fileno()
+        self.fd = open_for_io(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
 
     def __enter__(self) -> _PlaneFile:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.handle.close()
+        os.close(self.fd)
 
     def write(self, start: int, planes: np.ndarray) -> None:
         pwrite_all(self.fd, np.ascontiguousarray(planes, dtype=np.float32).reshape(-1).view(np.uint8),
@@ -239,14 +241,14 @@ class _PlaneFile:
 
     def truncate(self, n_planes: int) -> None:
         """Drop the planes from ``n_planes`` on, freeing their page cache (and disk) at once."""
-        self.handle.truncate(n_planes * self.plane_bytes)
+        os.ftruncate(self.fd, n_planes * self.plane_bytes)
 
     def __getitem__(self, key) -> np.ndarray:
         """``[z0:z1:step, ...]``: the planes are read from the file, the other indices applied after."""
         key = key if isinstance(key, tuple) else (key,)
         first, stop, step = key[0].indices(self.shape[0])
         planes = range(first, stop, step)
-        block = np.empty((len(planes), *self.shape[1:]), np.float32)
+        block = aligned_empty((len(planes), *self.shape[1:]), np.float32)
         if step == 1:
             self.read_into(first, block)
         else:
@@ -299,13 +301,13 @@ def _write_zscored(resampled: _PlaneFile, array, centre: float, scale: float, th
     """Write ``(resampled - centre) / scale`` into the zarr ``array`` by whole chunk rows, last row first.
 
     Each row is read into one buffer, reused, then scaled and written by ``threads`` threads, a band
-    of whole chunks each. The scratch file is truncated behind every row read, so the page cache it
-    frees is there for the zarr's files to reuse: taking new pages made file writes several times
-    slower than the copy itself.
+    of whole chunks each. The scratch file is truncated behind every row read, so the disk (and,
+    without direct I/O, the page cache) it frees is there for the zarr's files to reuse: taking new
+    pages made file writes several times slower than the copy itself.
     """
     rows = list(z_slabs(array.shape[0], _chunk_planes(array.shape)))[::-1]
     first_start, first_stop = rows[-1]
-    buffer = np.empty((first_stop - first_start, *array.shape[1:]), np.float32)
+    buffer = aligned_empty((first_stop - first_start, *array.shape[1:]), np.float32)
     chunk_rows = array.chunks[1]
     band_rows = -(-array.shape[1] // (threads * chunk_rows)) * chunk_rows
     bands = list(z_slabs(array.shape[1], band_rows))
