@@ -258,3 +258,43 @@ def test_sharded_inference_stitches_to_the_one_shard_map(mrc_factory, tmp_path):
         maps[shards] = read_full(stitch_shards(outputs, normalized, tmp_path / f"p{shards}.zarr"))
     assert maps[1].shape == (40, 100, 90)
     np.testing.assert_allclose(maps[3], maps[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window, shards", [(32, 1), (64, 1), (32, 3), (96, 2)])
+def test_ring_accumulator_hands_out_the_whole_box_sums(window, shards):
+    """The accumulators keep only a few chunk rows of planes (a ring that wraps several times over a
+    deep box): the rows they hand out are bit for bit the whole box's sum(w*p) / sum(w) and sum(w),
+    in order, each once, however the plan is split into shards."""
+    import torch
+
+    from vesicleflow.infer import _Accumulator, accumulator_planes
+    from vesicleflow.tiling import shard_box
+
+    shape = (300, 70, 50)
+    plan = plan_windows(shape, window, 0.25, shards)
+    weights = gaussian_importance(window)
+    rng = np.random.default_rng(window + shards)
+    for shard in range(shards):
+        start, stop = shard_box(plan, shard)
+        box = [b - a for a, b in zip(start, stop)]
+        acc = _Accumulator(box, window, weights, torch.device("cpu"))
+        assert acc.depth == accumulator_planes(window, box[0]) < box[0] or shards > 1
+        numerator, denominator = np.zeros(box, np.float32), np.zeros(box, np.float32)
+        rows = []
+        for index in plan["shards"][shard]:
+            origin = plan["windows"][index]
+            local = tuple(slice(o - s, min(o + window, e) - s) for o, s, e in zip(origin, start, stop))
+            crop = tuple(slice(0, sl.stop - sl.start) for sl in local)
+            probability = rng.random((window,) * 3, dtype=np.float32)
+            rows += [(z, p.copy(), w.copy()) for z, p, w in acc.finished_rows(local[0].start)]
+            acc.add(local, crop, torch.from_numpy(probability))
+            numerator[local] += probability[crop] * weights[crop]
+            denominator[local] += weights[crop]
+        rows += [(z, p.copy(), w.copy()) for z, p, w in acc.finished_rows(box[0])]
+        assert [z for z, _, _ in rows] == list(range(0, box[0], 64))
+        with np.errstate(invalid="ignore"):
+            expected = np.nan_to_num(numerator / denominator, nan=0.0)
+        np.testing.assert_array_equal(np.concatenate([p for _, p, _ in rows]), expected)
+        np.testing.assert_array_equal(np.concatenate([w for _, _, w in rows]), denominator)
+        with pytest.raises(ValueError, match="outside the accumulators"):
+            acc.add((slice(0, 5), slice(0, 5), slice(0, 5)), (slice(0, 5),) * 3, torch.zeros((window,) * 3))

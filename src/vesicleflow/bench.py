@@ -657,8 +657,9 @@ def format_report(report: dict) -> str:
                      f"{t['inference_ceiling_voxels_per_s'] / 1e6:.2f} M/s -> "
                      f"efficiency {t['inference_efficiency']:.0%}" + (f" ({'; '.join(extras)})" if extras else ""))
         if infer:
-            lines.append(f"  infer breakdown: read {infer.get('read_s')} s, forward {infer.get('forward_s')} s, "
-                         f"accumulate {infer.get('accumulate_s')} s, write {infer.get('write_s')} s"
+            lines.append(f"  infer breakdown: setup {infer.get('setup_s')} s, read {infer.get('read_s')} s, "
+                         f"forward {infer.get('forward_s')} s, accumulate {infer.get('accumulate_s')} s, "
+                         f"write {infer.get('write_s')} s"
                          + (f", GPU peak {infer['gpu_peak_memory_mb']} MB" if "gpu_peak_memory_mb" in infer else ""))
         lines.append(f"outside inference: {t['non_inference_share']:.1%} of the total wall time "
                      f"({t['non_inference_share_cpu_time']:.1%} of the CPU time)\n")

@@ -261,11 +261,12 @@ def write_label_mrc(path: str | Path, model_labels, mapping: GridMapping, label_
     def planes():  # one plane buffer: a repeated plane is written again, not copied
         chunk = DEFAULT_CHUNKS[0]
         plane, previous, plane_moments = np.empty((1, len(iy), len(ix)), dtype), None, None
+        block_buffer = np.empty((chunk, *mapping.model_shape[1:]), model_labels.dtype)
         for b0 in range(0, mapping.model_shape[0], chunk):
             k0, k1 = (int(k) for k in np.searchsorted(iz, [b0, b0 + chunk]))  # iz never decreases
             if k0 == k1:
                 continue
-            block = read_box(model_labels, (slice(b0, b0 + chunk),))
+            block = read_box(model_labels, (slice(b0, b0 + chunk),), out=block_buffer)
             for k in range(k0, k1):
                 if iz[k] != previous:  # renumber on the (smaller) model plane, then take rows and columns
                     renumbered = lut.take(block[iz[k] - b0])  # lut[...]'s values, in half the time
