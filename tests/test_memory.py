@@ -253,3 +253,19 @@ def test_postprocess_pieces_keep_every_id_and_nesting(tmp_path, monkeypatch, sce
         assert count == 3 * 13 * 13 and {ids.dtype.name for _, ids in result} == {"uint8", "uint16"}
     else:
         assert len(pieces) == 2 and len(result) == 1
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "False"), ("1", "True")])
+def test_commands_give_numpy_small_pages_unless_told_otherwise(preset, expected):
+    """Every vesicleflow command runs numpy without 2 MiB pages (dear on a VM whose host takes back
+    free memory; see allocator.py), unless NUMPY_MADVISE_HUGEPAGE says otherwise."""
+    env = cli_env()
+    env.pop("NUMPY_MADVISE_HUGEPAGE", None)
+    if preset:
+        env["NUMPY_MADVISE_HUGEPAGE"] = preset
+    probe = ("import sys\nfrom vesicleflow.cli import app\nsys.argv = ['vesicleflow', 'tile', '--help']\n"
+             "try:\n    app()\nexcept SystemExit:\n    pass\n"
+             "from numpy._core.multiarray import _set_madvise_hugepage\n"
+             "print('huge pages', _set_madvise_hugepage(False))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines()[-1] == f"huge pages {expected}"

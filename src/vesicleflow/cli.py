@@ -24,6 +24,9 @@ VoxelSize = Annotated[float | None, typer.Option("--voxel-size-angstrom",
 
 @app.callback()
 def main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
+    from vesicleflow.allocator import small_pages_for_numpy
+
+    small_pages_for_numpy()  # before any command imports numpy
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
