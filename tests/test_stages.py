@@ -298,3 +298,28 @@ def test_ring_accumulator_hands_out_the_whole_box_sums(window, shards):
         np.testing.assert_array_equal(np.concatenate([w for _, _, w in rows]), denominator)
         with pytest.raises(ValueError, match="outside the accumulators"):
             acc.add((slice(0, 5), slice(0, 5), slice(0, 5)), (slice(0, 5),) * 3, torch.zeros((window,) * 3))
+
+
+def test_slab_reader_reading_ahead_cuts_every_window_of_the_volume(tmp_path):
+    """Two slab buffers, one read ahead on a thread and both reused, give each window of a plan with
+    many z rows (batches straddling rows, edge windows padded) as cut from the whole volume."""
+    from vesicleflow.infer import _pad_window, _SlabReader
+    from vesicleflow.tiling import shard_box
+    from vesicleflow.volumes import write_block
+
+    shape, window = (150, 40, 45), 32
+    values = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    volume = create_volume(tmp_path / "v.zarr", shape, "float32")
+    write_block(volume, (0, 0, 0), values)
+    plan = plan_windows(shape, window, 0.25, 2)
+    for shard in range(2):
+        start, stop = shard_box(plan, shard)
+        origins = [plan["windows"][i] for i in plan["shards"][shard]]
+        with _SlabReader(volume, window, start, stop, origins) as reader:
+            assert len(reader.row_starts) >= 3
+            for first in range(0, len(origins), 3):
+                batch = reader.batch(origins[first:first + 3])
+                for got, (z, y, x) in zip(batch, origins[first:first + 3]):
+                    np.testing.assert_array_equal(got, _pad_window(values[z:z + window, y:y + window, x:x + window],
+                                                                   window))
+            assert len(reader.free) + len(reader.slabs) + (reader.pending is not None) <= 2

@@ -16,7 +16,8 @@ per-window reference: weights equal, probabilities within 1e-4, vesicle tables e
   multiply-adds per output voxel and input channel, and no upsampled copy); tensors use the
   channels-last-3d layout. The results differ from the plain network by float32 rounding only.
 - the input is read as z slabs of whole window height, each read (and decompressed) once, not
-  window by window (a 64³ window not aligned to the 64³ zarr chunks touches up to 8 chunks).
+  window by window (a 64³ window not aligned to the 64³ zarr chunks touches up to 8 chunks), the
+  next slab on a thread while the network runs.
 - ``sum(w*p)`` and ``sum(w)`` are accumulated with torch, on the GPU when they fit there (the GPU
   no longer waits for the CPU to add each window), on the CPU with the job's threads, for a few
   chunk rows of planes at a time (:class:`_Accumulator`): each chunk row is divided and written as
@@ -252,15 +253,26 @@ def _read_window(volume, origin, window: int) -> np.ndarray:
 
 class _SlabReader:
     """Windows cut from z slabs of the volume: each slab [z, z + window) over the shard's y/x box
-    is read once; windows arrive in z order, so at most two slabs are held, each in one of two
-    buffers reused from slab to slab (a 768 x 768 slab is 151 MB: new pages for each took longer
-    than reading it)."""
+    is read once, and the next one is read ahead on a thread while the network runs on this one.
+    Windows arrive in z order, so two slab buffers suffice, reused from slab to slab (a 768 x 768
+    slab is 151 MB: new pages for each took longer than reading it)."""
 
-    def __init__(self, volume, window: int, box_start, box_stop):
+    def __init__(self, volume, window: int, box_start, box_stop, origins):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.volume, self.window = volume, window
         self.y0, self.y1, self.x0, self.x1 = box_start[1], box_stop[1], box_start[2], box_stop[2]
+        self.row_starts = sorted({int(o[0]) for o in origins})
         self.slabs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (buffer, slab)
         self.free: list[np.ndarray] = []
+        self.ahead = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self.pending = None  # (z, buffer, future) of the slab being read ahead
+
+    def __enter__(self) -> _SlabReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ahead.shutdown(wait=True, cancel_futures=True)
 
     def batch(self, origins) -> np.ndarray:
         """The windows at ``origins`` (z order), copied into one new (N, window, window, window) array:
@@ -271,17 +283,38 @@ class _SlabReader:
             target[...] = self._window_at(origin)
         return out
 
-    def _window_at(self, origin) -> np.ndarray:
-        z, y, x = origin
+    def _read_slab(self, z: int, buffer: np.ndarray) -> np.ndarray:
+        box = (slice(z, min(z + self.window, self.volume.shape[0])), slice(self.y0, self.y1), slice(self.x0, self.x1))
+        return read_box(self.volume, box, out=buffer).astype(np.float32, copy=False)
+
+    def _buffer(self) -> np.ndarray:
+        return self.free.pop() if self.free else np.empty(
+            (self.window, self.y1 - self.y0, self.x1 - self.x0), self.volume.dtype)
+
+    def _slab(self, z: int) -> np.ndarray:
         if z not in self.slabs:
             for old in [k for k in self.slabs if k < z]:
                 self.free.append(self.slabs.pop(old)[0])
-            stop = min(z + self.window, self.volume.shape[0])
-            box = (slice(z, stop), slice(self.y0, self.y1), slice(self.x0, self.x1))
-            buffer = self.free.pop() if self.free else np.empty(
-                (self.window, self.y1 - self.y0, self.x1 - self.x0), self.volume.dtype)
-            self.slabs[z] = buffer, read_box(self.volume, box, out=buffer).astype(np.float32, copy=False)
-        slab = self.slabs[z][1]
+            if self.pending is not None:
+                ahead_z, buffer, future = self.pending
+                self.pending = None
+                slab = future.result()
+                if ahead_z == z:
+                    self.slabs[z] = buffer, slab
+                else:
+                    self.free.append(buffer)
+            if z not in self.slabs:
+                buffer = self._buffer()
+                self.slabs[z] = buffer, self._read_slab(z, buffer)
+            following = [r for r in self.row_starts if r > z]
+            if following:
+                buffer = self._buffer()
+                self.pending = following[0], buffer, self.ahead.submit(self._read_slab, following[0], buffer)
+        return self.slabs[z][1]
+
+    def _window_at(self, origin) -> np.ndarray:
+        z, y, x = origin
+        slab = self._slab(z)
         w = self.window
         data = slab[:, y - self.y0: y - self.y0 + w, x - self.x0: x - self.x0 + w]
         return _pad_window(data, w)
@@ -447,7 +480,6 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
     acc_device = _accumulator_device(dev, [accumulator_planes(window, box_shape[0]), *box_shape[1:]])
     acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device)
     origins = [plan["windows"][i] for i in plan["shards"][shard]]
-    reader = _SlabReader(volume, window, start, stop)
     log.info("shard %d: %d windows of %d³ on %s (network %s, batch %d, tta %s, accumulating on %s)", shard,
              len(origins), window, dev, form, batch_size, tta, acc.device)
     if dev.type == "cuda":
@@ -457,7 +489,7 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
     began = time.perf_counter()
     setup_s = began - started
     read_s = forward_s = accumulate_s = 0.0
-    with atomic_output(output) as tmp:
+    with atomic_output(output) as tmp, _SlabReader(volume, window, start, stop, origins) as reader:
         writer = _ShardWriter(Path(tmp), box_shape, attrs, plan_path)
         for first in range(0, len(origins), batch_size):
             chunk = origins[first:first + batch_size]
