@@ -128,10 +128,13 @@ def test_mrc_planes_are_read_behind_any_header(dtype, tmp_path, page_cache_fallb
     volume = open_mrc_volume(path)
     assert volume.layout.offset % DIRECT_IO_ALIGNMENT
     for start, stop in [(2, 5), (0, 7), (6, 7)]:
-        for out_dtype in (np.float32, volume.dtype.newbyteorder("=")):
+        for out_dtype in (np.dtype(np.float32), volume.dtype.newbyteorder("=")):
             out = np.empty((stop - start, 33, 45), out_dtype)
-            volume.read_into(start, out, aligned_empty(volume.scratch_bytes(len(out)), np.uint8))
-            assert np.array_equal(out, data[start:stop].astype(out_dtype))
+            scratch = aligned_empty(volume.scratch_bytes(len(out)), np.uint8)
+            got = volume.read_into(start, out, scratch)
+            assert got.dtype == out_dtype and np.array_equal(got, data[start:stop].astype(out_dtype))
+            native_file = volume.dtype == out_dtype and volume.layout.offset % out_dtype.itemsize == 0
+            assert np.shares_memory(got, scratch if native_file else out)  # no copy when none is needed
         if stop < 7 and _filesystem_has_direct_io(tmp_path):
             assert page_cache_fallbacks == []
     with pytest.raises(ValueError, match="scratch"):

@@ -382,11 +382,13 @@ class MrcVolume:
         """Size of the ``scratch`` that :meth:`read_into` needs for ``n_planes`` planes."""
         return self._span(0, n_planes)[2] + DIRECT_IO_ALIGNMENT
 
-    def read_into(self, start: int, out: np.ndarray, scratch: np.ndarray) -> None:
-        """Planes [start, start + len(out)) into the contiguous ``out``, converted to its dtype, with
-        positioned reads (safe from several threads). ``scratch``: a uint8 array of at least
-        :meth:`scratch_bytes` bytes that the caller reuses from read to read; the file's blocks are read
-        into it by direct I/O (:func:`open_for_io`), then copied into ``out``."""
+    def read_into(self, start: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """Planes [start, start + len(out)) as ``out``'s dtype, with positioned reads (safe from several
+        threads). ``scratch``: a uint8 array of at least :meth:`scratch_bytes` bytes that the caller
+        reuses from read to read; the file's blocks are read into it by direct I/O
+        (:func:`open_for_io`). Returns a view of ``scratch`` when the file holds the planes as ``out``'s
+        dtype already (no copy: copying 1.2 GB took a third of normalize's wall time), else ``out``,
+        converted; either is valid until the caller reuses its buffers."""
         offset, head, length = self._span(start, len(out))
         skip = -scratch.ctypes.data % DIRECT_IO_ALIGNMENT
         span = scratch[skip:skip + length]
@@ -399,7 +401,11 @@ class MrcVolume:
             os.close(descriptor)
         if not complete:
             raise InputError(f"{self.path}: truncated while reading z planes {start}-{start + len(out)}")
-        np.copyto(out, span[head:head + len(out) * self.plane_bytes].view(self.dtype).reshape(out.shape))
+        planes = span[head:head + len(out) * self.plane_bytes].view(self.dtype).reshape(out.shape)
+        if planes.dtype == out.dtype and planes.flags.aligned:
+            return planes
+        np.copyto(out, planes)
+        return out
 
     def planes(self, start: int, stop: int) -> np.ndarray:
         """Planes [start, stop) as a native-endian array (a copy)."""

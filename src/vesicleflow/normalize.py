@@ -133,8 +133,8 @@ def _resample_slab(volume: MrcVolume, mapping: GridMapping, out_start: int, out_
     halo_in = int(np.ceil(4 * sigma_in)) + 2
     lo_in = max(0, int(np.floor(z_src.min())) - halo_in)
     hi_in = min(volume.shape[0], int(np.ceil(z_src.max())) + halo_in + 1)
-    block = buffers.get("block", (hi_in - lo_in, *volume.shape[1:]))
-    volume.read_into(lo_in, block, buffers.get("scratch", volume.scratch_bytes(len(block)), np.uint8))
+    block = volume.read_into(lo_in, buffers.get("block", (hi_in - lo_in, *volume.shape[1:])),
+                             buffers.get("scratch", volume.scratch_bytes(hi_in - lo_in), np.uint8))
     low, high = _finite_range(block, lo_in)
     if sigma_in > 0:
         from scipy import ndimage  # only here: importing it takes a third of a second
