@@ -94,6 +94,7 @@ NON_ATOMIC_ALLOWED = {
     ("io.py", "pwrite_all"): "writes into a file its caller opened (normalize's scratch, write_mrc_slabs' temporary)",
     ("normalize.py", "write"): "_PlaneFile: its raw scratch file (see __init__)",
     ("formats.py", "write_leaving_holes"): "writes into the temporary file write_mrc_slabs opened",
+    ("io.py", "write"): "PageWriter: writes into a file its caller opened (write_mrc_slabs' temporary)",
     ("volumes.py", "write"): "ChunkFiles: chunk files of an array its caller created (an atomic temporary), as zarr's",
     ("infer.py", "__init__"): "_ShardWriter: the shard's arrays, inside the atomic temporary infer_shard opens",
 }

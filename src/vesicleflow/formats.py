@@ -17,13 +17,13 @@ an integer value is a voxel centre. Each writer converts to its format's own con
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vesicleflow.io import atomic_output, pwrite_all
+from vesicleflow.io import PageWriter, atomic_output, pwrite_all
 
 # ----------------------------------------------------------------------------------------- IMOD
 
@@ -227,9 +227,9 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
                 mrc.add_label(label[:80])
             header = mrc.header.copy()
         plane_bytes = dtype.itemsize * shape[1] * shape[2]
-        with open(tmp, "r+b") as handle:
+        with open(tmp, "r+b") as handle, PageWriter(tmp, handle.fileno()) as writer:
             for z0, block in slabs:
-                write_leaving_holes(handle.fileno(), np.ascontiguousarray(block, dtype=dtype),
+                write_leaving_holes(writer.write, np.ascontiguousarray(block, dtype=dtype),
                                     data_offset + z0 * plane_bytes)
                 if scan:
                     stats.add(block)
@@ -246,9 +246,10 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
 FILE_PAGE_BYTES = 4096
 
 
-def write_leaving_holes(descriptor: int, data: np.ndarray, offset: int) -> None:
+def write_leaving_holes(write: Callable[[np.ndarray, int], None], data: np.ndarray, offset: int) -> None:
     """Write a contiguous array's bytes at ``offset`` of a file that reads as zeros there, skipping
-    every whole file page the bytes would fill with zeros.
+    every whole file page the bytes would fill with zeros. ``write(bytes, offset)`` writes a run of
+    pages (:meth:`vesicleflow.io.PageWriter.write`: whole pages by direct I/O).
 
     Label volumes are mostly background: half of a crowded synapse's file pages hold only zeros, and
     writing them took new page-cache memory (the costliest part of writing a file) and disk space
@@ -268,7 +269,7 @@ def write_leaving_holes(descriptor: int, data: np.ndarray, offset: int) -> None:
     for first, stop in zip(starts, stops):
         lo = max(0, head + (int(first) - 1) * FILE_PAGE_BYTES)
         hi = min(raw.size, head + (int(stop) - 1) * FILE_PAGE_BYTES)
-        pwrite_all(descriptor, raw[lo:hi], offset + lo)
+        write(raw[lo:hi], offset + lo)
 
 
 def slab_planes(plane_shape, bytes_per_voxel: int, budget_bytes: int = 128 * 2**20) -> int:
