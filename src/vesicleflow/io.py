@@ -8,6 +8,9 @@ removed the next time the same output is written.
 Input MRC files are checked before their voxels are touched (:func:`inspect_mrc`): every problem
 becomes an :class:`InputError` whose message is one line naming the file and the problem. Input
 files are only ever opened read-only.
+
+Large transfers bypass the page cache where the file system allows (:func:`open_for_io`,
+:class:`PageWriter`).
 """
 
 from __future__ import annotations

@@ -187,9 +187,14 @@ class ChunkFiles:
                 out[placed] = self.array.fill_value
         return out
 
+    def _open(self, path: Path, flags: int) -> int:
+        """A chunk file's descriptor: direct I/O for raw chunks (read into, written from, the aligned
+        chunk buffer), the page cache for compressed ones (small, and of any length)."""
+        return open_for_io(path, flags) if self.codec is None else os.open(path, flags, 0o644)
+
     def _read_chunk(self, path: Path, buffer: np.ndarray) -> bool:
         try:
-            descriptor = open_for_io(path, os.O_RDONLY) if self.codec is None else os.open(path, os.O_RDONLY)
+            descriptor = self._open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -225,8 +230,7 @@ class ChunkFiles:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 folders.add(path.parent)
             data = buffer if self.codec is None else self.codec.encode(buffer)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            descriptor = open_for_io(path, flags) if self.codec is None else os.open(path, flags, 0o644)
+            descriptor = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 pwrite_all(descriptor, data, 0)
             finally:
