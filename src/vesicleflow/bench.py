@@ -162,10 +162,11 @@ def new_file_write_cost(folder: Path, size_bytes: int = 2**30) -> dict:
     """Wall and system time of writing a new ``size_bytes`` file (1 MiB writes, no sync) in a scratch
     folder of ``folder`` that is then deleted.
 
-    Every stage's outputs are new files, each page of them new page-cache memory. On a virtual
-    machine whose host takes back the guest's free memory (virtio-balloon free page reporting) that
-    memory must be supplied again, page by page: the same write then costs 10-40x more system time,
-    and the whole pipeline slows with it. This tells that state from a slow pipeline."""
+    Each page of a new file written through the page cache is new memory (the stages now write
+    their large files by direct I/O, but new arrays are new memory too). On a virtual machine whose
+    host takes back the guest's free memory (virtio-balloon free page reporting) that memory must be
+    supplied again, page by page: the same write then costs 10-40x more system time. This tells that
+    state of the machine from a slow pipeline."""
     import resource
 
     from vesicleflow.io import pwrite_all, scratch_dir
@@ -356,7 +357,7 @@ def run_pipeline(tomogram: Path, work: Path, threads: int = 2, batch_size: int |
     """Run every stage on ``tomogram`` in a fresh ``work`` folder; stop at the first failure.
 
     Files are kept or deleted as the workflow keeps them: the inference shard, a temporary output,
-    goes once stitched (its page cache then serves the later stages' files)."""
+    goes once stitched."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

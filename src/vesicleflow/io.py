@@ -274,6 +274,7 @@ DIRECT_IO_VARIABLE = "VESICLEFLOW_DIRECT_IO"
 
 
 def direct_io_enabled() -> bool:
+    """Whether this platform has ``O_DIRECT`` and :data:`DIRECT_IO_VARIABLE` does not turn it off."""
     return hasattr(os, "O_DIRECT") and os.environ.get(DIRECT_IO_VARIABLE, "1").strip().lower() not in (
         "0", "false", "no", "off")
 

@@ -240,7 +240,7 @@ class _PlaneFile:
         return out
 
     def truncate(self, n_planes: int) -> None:
-        """Drop the planes from ``n_planes`` on, freeing their page cache (and disk) at once."""
+        """Drop the planes from ``n_planes`` on, freeing their disk space (and any page cache) at once."""
         os.ftruncate(self.fd, n_planes * self.plane_bytes)
 
     def __getitem__(self, key) -> np.ndarray:
