@@ -16,7 +16,7 @@ from scipy import ndimage
 from vesicleflow import normalize, stitch
 from vesicleflow.io import InputError
 from vesicleflow.modelinfo import Preprocessing
-from vesicleflow.volumes import ChunkFiles, create_volume, read_box, read_full, write_block
+from vesicleflow.volumes import ChunkFiles, create_volume, read_box, read_full, threshold_box, write_block
 
 SHAPE = (47, 53, 61)  # odd sizes: partial slabs, bands and chunks everywhere
 
@@ -314,12 +314,13 @@ def test_write_block_stores_a_compressed_volumes_empty_chunks_and_reads_back_the
 def test_read_box_reads_chunk_files_as_zarr_would(tmp_path, monkeypatch):
     """Boxes across partial edge chunks and chunks never stored (read as the fill value) come out of
     raw and Blosc-compressed chunk files as zarr reads them, without zarr's reader; strided keys go
-    through zarr; either way into a caller's reused buffer too; a truncated chunk file is an error
-    naming it."""
+    through zarr; either way into a caller's reused buffer too, or compared with a threshold chunk by
+    chunk as the whole box would be; a truncated chunk file is an error naming it."""
     rng = np.random.default_rng(9)
     shape = (70, 130, 66)
     values = rng.normal(size=shape).astype(np.float32)
     values[:64, 64:128, :64] = 2.5  # chunk (0, 1, 0) holds only the fill value: zarr does not store it
+    values[5, 1, 1] = 0.3  # float32(0.3) > 0.3 in float64 only: the comparison's precision shows
     raw = zarr.create_array(store=str(tmp_path / "raw.zarr"), shape=shape, chunks=(64, 64, 64), dtype="float32",
                             fill_value=2.5, compressors=None)
     raw[...] = values
@@ -339,7 +340,14 @@ def test_read_box_reads_chunk_files_as_zarr_would(tmp_path, monkeypatch):
         assert_bit_identical(into, values[box])
         assert into.size == 0 or np.shares_memory(into, reused)
         np.testing.assert_array_equal(read_box(labels, box), (values[box] > 1).astype(np.uint16))
+        for threshold in (0.3, np.float64(0.3), 2.5):  # float32 and float64 comparisons; the fill value's chunk
+            expected = values[box] > threshold
+            compared = threshold_box(raw, box, threshold)
+            assert compared.dtype == bool and compared.shape == expected.shape
+            np.testing.assert_array_equal(compared, expected)
     assert zarr_reads == []
+    np.testing.assert_array_equal(threshold_box(raw, (slice(0, 70, 2),), 0.3), values[::2] > 0.3)
+    zarr_reads.clear()
     assert_bit_identical(read_box(raw, (slice(0, 70, 2), slice(None), slice(None))), values[::2])
     assert_bit_identical(read_box(raw, (slice(0, 70, 2),), out=reused), values[::2])
     assert len(zarr_reads) == 2

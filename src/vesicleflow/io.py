@@ -308,6 +308,22 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return raw[skip:skip + nbytes].view(dtype).reshape(shape)
 
 
+class ReusedBuffers:
+    """Scratch arrays by name, each reused from call to call and grown to the largest asked for
+    (aligned as :func:`aligned_empty`'s): a new large array's pages cost more to fault in and zero
+    than the work done in them, the more so where the host is slow to supply new memory (README)."""
+
+    def __init__(self):
+        self._bytes: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape, dtype=np.float32) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype``, contents undefined, in the buffer kept as ``name``."""
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if name not in self._bytes or self._bytes[name].size < size:
+            self._bytes[name] = aligned_empty(size, np.uint8)
+        return self._bytes[name][:size].view(dtype).reshape(shape)
+
+
 def _leave_direct_io(descriptor: int, err: OSError, left_already: bool) -> None:
     """After ``err``, go on through the page cache if direct I/O can be why (EINVAL), else re-raise.
 

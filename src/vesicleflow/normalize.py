@@ -28,6 +28,7 @@ from vesicleflow.grid import GridMapping
 from vesicleflow.io import (
     InputError,
     MrcVolume,
+    ReusedBuffers,
     aligned_empty,
     atomic_output,
     open_for_io,
@@ -90,20 +91,6 @@ class _RawRange:
         self.low, self.high = min(self.low, low), max(self.high, high)
 
 
-class _Buffers:
-    """One thread's scratch arrays, by name, reused from slab to slab (a fresh allocation's pages cost
-    more to fault in and zero than the arithmetic done in them)."""
-
-    def __init__(self):
-        self._bytes: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape, dtype=np.float32) -> np.ndarray:
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if name not in self._bytes or self._bytes[name].size < size:
-            self._bytes[name] = aligned_empty(size, np.uint8)  # aligned for direct I/O
-        return self._bytes[name][:size].view(dtype).reshape(shape)
-
-
 def _finite_range(block: np.ndarray, first_plane: int) -> tuple[float, float]:
     """Min and max of a raw input block, refusing NaN or Inf (either makes the min or the max non-finite,
     so no separate pass looks for them)."""
@@ -120,7 +107,7 @@ def _finite_range(block: np.ndarray, first_plane: int) -> tuple[float, float]:
 
 
 def _resample_slab(volume: MrcVolume, mapping: GridMapping, out_start: int, out_stop: int, sigma_in: float,
-                   sigma_out: float, buffers: _Buffers) -> tuple[np.ndarray, float, float]:
+                   sigma_out: float, buffers: ReusedBuffers) -> tuple[np.ndarray, float, float]:
     """Resample output planes [out_start, out_stop) (plus the smoothing halo) from the input, in
     ``buffers``; also returns the raw input block's min and max.
 
@@ -163,7 +150,7 @@ def _interpolation_taps(positions: np.ndarray, n: int) -> tuple[np.ndarray, np.n
     return low, high, (positions - low).astype(np.float32)
 
 
-def _resample_rows(block: np.ndarray, z_taps, y_taps, x_taps, out: np.ndarray, buffers: _Buffers) -> None:
+def _resample_rows(block: np.ndarray, z_taps, y_taps, x_taps, out: np.ndarray, buffers: ReusedBuffers) -> None:
     """One band of rows of one output plane: along z (on just the input rows the band needs), then y,
     then x, each ``lower + frac * (upper - lower)`` in float32."""
     z_low, z_high, z_frac = z_taps
@@ -178,7 +165,7 @@ def _resample_rows(block: np.ndarray, z_taps, y_taps, x_taps, out: np.ndarray, b
     _lerp(band, x_taps, 1, out, buffers)
 
 
-def _lerp(values: np.ndarray, taps, axis: int, out: np.ndarray, buffers: _Buffers) -> None:
+def _lerp(values: np.ndarray, taps, axis: int, out: np.ndarray, buffers: ReusedBuffers) -> None:
     """``out = lower + frac * (upper - lower)`` along ``axis``, the neighbours gathered with ``take``."""
     low, high, frac = taps
     np.take(values, low, axis=axis, out=out, mode="clip")
@@ -197,7 +184,7 @@ def _resample_all(volume: MrcVolume, mapping: GridMapping, sigma_in: float, sigm
 
     def resample(start: int, stop: int) -> tuple[float, float]:
         if not hasattr(local, "buffers"):
-            local.buffers = _Buffers()
+            local.buffers = ReusedBuffers()
         slab, low, high = _resample_slab(volume, mapping, start, stop, sigma_in, sigma_out, local.buffers)
         resampled.write(start, slab)
         return low, high

@@ -101,6 +101,19 @@ def read_box(array, box: tuple[slice, ...], out: np.ndarray | None = None) -> np
     return files.read([start for start, _, _ in bounds], [max(start, stop) for start, stop, _ in bounds], out)
 
 
+def threshold_box(array, box: tuple[slice, ...], threshold: float) -> np.ndarray:
+    """``read_box(array, box) > threshold``, compared chunk by chunk where :class:`ChunkFiles` reads
+    the box: the box's values are never held whole (postprocess's blocks: a quarter of the memory,
+    and 0.2-0.4 s less per block than reading the floats into a new array, then comparing)."""
+    files = ChunkFiles.of(array)
+    box = (*box, *[slice(None)] * (array.ndim - len(box)))
+    bounds = [key.indices(n) for key, n in zip(box, array.shape)]
+    if files is None or len(box) != array.ndim or any(step != 1 for _, _, step in bounds):
+        return read_box(array, box) > threshold
+    return files.read([start for start, _, _ in bounds], [max(start, stop) for start, stop, _ in bounds],
+                      above=threshold)
+
+
 def _view_of(buffer: np.ndarray, shape, dtype) -> np.ndarray:
     """The first elements of ``buffer`` (contiguous, of ``dtype``) as an array of ``shape``."""
     size = int(np.prod(shape))
@@ -172,19 +185,22 @@ class ChunkFiles:
             placed = tuple(slice(s.start + o - a, s.stop + o - a) for s, o, a in zip(inside, corner, starts))
             yield self.folder / self.array.metadata.encode_chunk_key(index), inside, placed
 
-    def read(self, starts, stops, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, starts, stops, out: np.ndarray | None = None, above: float | None = None) -> np.ndarray:
         """The box [starts, stops), into ``out`` if given (see :func:`read_box`); chunks not stored
-        read as the fill value."""
+        read as the fill value. With ``above``, the box's values ``> above`` (bool; see :func:`threshold_box`)."""
         shape = [b - a for a, b in zip(starts, stops)]
-        out = np.empty(shape, self.dtype) if out is None else _view_of(out, shape, self.dtype)
+        dtype = self.dtype if above is None else np.dtype(bool)
+        out = np.empty(shape, dtype) if out is None else _view_of(out, shape, dtype)
         if not out.size:
             return out
         buffer = aligned_empty(self.chunks, self.dtype)
+        fill = np.array(self.array.fill_value, self.dtype)  # a chunk holding only the fill value is not stored
         for path, inside, placed in self._chunks_in(starts, stops):
-            if self._read_chunk(path, buffer):
-                out[placed] = buffer[inside]
-            else:  # a chunk holding only the fill value is not stored
-                out[placed] = self.array.fill_value
+            values = buffer[inside] if self._read_chunk(path, buffer) else fill
+            if above is None:
+                out[placed] = values
+            else:
+                np.greater(values, above, out=out[placed])
         return out
 
     def _open(self, path: Path, flags: int) -> int:
