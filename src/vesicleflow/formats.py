@@ -306,11 +306,17 @@ def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray
             if np.any(b <= a):
                 continue
             grids = np.ogrid[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
-            q = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centres[i]))) / radii[i]
+            q = sum((g - c) ** 2 for g, c in zip(grids, centres[i]))
+            np.sqrt(q, out=q)
+            q /= radii[i]
             box = (slice(a[0] - z0, b[0] - z0), slice(a[1], b[1]), slice(a[2], b[2]))
-            take = (q <= 1.0) & ((labels[box] == 0) | (q < best[box]))
-            labels[box][take] = ids[i]
-            best[box][take] = q[take]
+            region, region_best = labels[box], best[box]
+            take = q <= 1.0
+            claimed = region != 0
+            if claimed.any():  # another sphere reaches into this one's box: the nearer surface loses
+                take &= ~claimed | (q < region_best)
+            region[take] = ids[i]
+            region_best[take] = q[take]
         yield z0, labels
 
 
