@@ -14,7 +14,9 @@ from vesicleflow.export import (
     CONTRACT_COLUMNS,
     VESICLE_COLUMNS,
     export_tomogram,
+    intensity_reference,
     mask_border_distances,
+    membrane_and_lumen_intensity,
     nearest_surface_distances,
     write_label_mrc,
 )
@@ -276,6 +278,24 @@ def simulated(tmp_path_factory):
     table = export_tomogram(root / "spheres.csv", root / "labels.zarr", root / "t.mrc", out, "ds", "t",
                             mask=root / "t_mask.mrc", probability=root / "probability.zarr")
     return root, out, table, sim
+
+
+def test_lumen_intensity_is_the_mean_of_every_voxel_within_its_radius():
+    """Bit for bit the mean over the voxels of the whole volume within 70 % of the inner radius, in
+    C order: vesicles inside, across faces, with a lumen of a single voxel, and without a thickness."""
+    rng = np.random.default_rng(4)
+    volume = rng.normal(size=(30, 41, 52)).astype(np.float32)
+    table = pd.DataFrame({"z": [14.3, 0.6, 29.2, 15.0], "y": [20.1, 39.7, 1.2, 20.5], "x": [25.8, 51.1, 3.4, 26.0],
+                          "membrane_radius_nm": [9.0, 7.3, 12.5, 2.1], "radius_nm": [11.2, 9.5, 14.7, 4.3],
+                          "membrane_thickness_nm": [4.4, 4.4, np.nan, 4.4]})
+    mean, sd = intensity_reference(volume)
+    grids = np.ogrid[tuple(slice(0, n) for n in volume.shape)]
+    _, lumen = membrane_and_lumen_intensity(volume, table, voxel_nm=1.5)
+    for row, measured in zip(table.itertuples(), lumen):
+        thickness = 4.0 if np.isnan(row.membrane_thickness_nm) else row.membrane_thickness_nm
+        inner = row.membrane_radius_nm / 1.5 - thickness / 2 / 1.5
+        dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, (row.z, row.y, row.x))))
+        assert measured == (float(volume[dist <= max(0.7 * inner, 0.5)].mean()) - mean) / sd
 
 
 def test_vesicle_table_keeps_the_contract_and_adds_columns(simulated):
