@@ -246,10 +246,18 @@ def write_mrc_slabs(path: str | Path, shape_zyx, mrc_mode: int, voxel_size_angst
 FILE_PAGE_BYTES = 4096
 
 
+#: Zero file pages are left as holes only in runs of at least this many: every run of data pages is a
+#: write of its own, and writing a short run of zeros costs less than another (direct) write. Drawing
+#: the benchmark's 1,435 spheres took 4,153 writes of 298 MiB with every zero page a hole, 1,664
+#: writes of 353 MiB with this (2.2-2.3 s -> 1.8-1.9 s).
+MIN_HOLE_PAGES = 16
+
+
 def write_leaving_holes(write: Callable[[np.ndarray, int], None], data: np.ndarray, offset: int) -> None:
     """Write a contiguous array's bytes at ``offset`` of a file that reads as zeros there, skipping
-    every whole file page the bytes would fill with zeros. ``write(bytes, offset)`` writes a run of
-    pages (:meth:`vesicleflow.io.PageWriter.write`: whole pages by direct I/O).
+    every run of at least :data:`MIN_HOLE_PAGES` whole file pages the bytes would fill with zeros.
+    ``write(bytes, offset)`` writes a run of pages (:meth:`vesicleflow.io.PageWriter.write`: whole
+    pages by direct I/O).
 
     Label volumes are mostly background: half of a crowded synapse's file pages hold only zeros, and
     writing them took new page-cache memory (the costliest part of writing a file) and disk space
@@ -266,6 +274,8 @@ def write_leaving_holes(write: Callable[[np.ndarray, int], None], data: np.ndarr
     edges = np.flatnonzero(np.diff(nonzero.astype(np.int8)))
     starts = np.concatenate([[0], edges[1::2] + 1])
     stops = np.concatenate([edges[::2] + 1, [n_pages + 2]])
+    joined = np.concatenate([starts[1:] - stops[:-1] < MIN_HOLE_PAGES, [False]])  # gaps too short to skip
+    starts, stops = starts[np.concatenate([[True], ~joined[:-1]])], stops[~joined]
     for first, stop in zip(starts, stops):
         lo = max(0, head + (int(first) - 1) * FILE_PAGE_BYTES)
         hi = min(raw.size, head + (int(stop) - 1) * FILE_PAGE_BYTES)
