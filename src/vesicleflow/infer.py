@@ -267,6 +267,8 @@ class _SlabReader:
         self.free: list[np.ndarray] = []
         self.ahead = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         self.pending = None  # (z, buffer, future) of the slab being read ahead
+        if self.row_starts:  # the first slab, while the caller gets ready (loads the network)
+            self._read_ahead(self.row_starts[0])
 
     def __enter__(self) -> _SlabReader:
         return self
@@ -308,9 +310,12 @@ class _SlabReader:
                 self.slabs[z] = buffer, self._read_slab(z, buffer)
             following = [r for r in self.row_starts if r > z]
             if following:
-                buffer = self._buffer()
-                self.pending = following[0], buffer, self.ahead.submit(self._read_slab, following[0], buffer)
+                self._read_ahead(following[0])
         return self.slabs[z][1]
+
+    def _read_ahead(self, z: int) -> None:
+        buffer = self._buffer()
+        self.pending = z, buffer, self.ahead.submit(self._read_slab, z, buffer)
 
     def _window_at(self, origin) -> np.ndarray:
         z, y, x = origin
@@ -471,25 +476,28 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
     torch.manual_seed(0)
     dev = pick_device(device)
     batch_size = batch_size or default_batch_size(dev)
-    net, _ = load_model(model, dev)
-    net, form = inference_network(net, dev)
     volume = open_volume(normalized)
     window = plan["window"]
     start, stop = shard_box(plan, shard)
-    box_shape = [b - a for a, b in zip(start, stop)]
-    acc_device = _accumulator_device(dev, [accumulator_planes(window, box_shape[0]), *box_shape[1:]])
-    acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device)
     origins = [plan["windows"][i] for i in plan["shards"][shard]]
-    log.info("shard %d: %d windows of %d³ on %s (network %s, batch %d, tta %s, accumulating on %s)", shard,
-             len(origins), window, dev, form, batch_size, tta, acc.device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard,
-             "only_shard": len(plan["shards"]) == 1}
-    began = time.perf_counter()
-    setup_s = began - started
-    read_s = forward_s = accumulate_s = 0.0
-    with atomic_output(output) as tmp, _SlabReader(volume, window, start, stop, origins) as reader:
+    with contextlib.ExitStack() as stack:
+        # the reader starts on the first slab at once: it is read while the network loads
+        reader = stack.enter_context(_SlabReader(volume, window, start, stop, origins))
+        net, _ = load_model(model, dev)
+        net, form = inference_network(net, dev)
+        box_shape = [b - a for a, b in zip(start, stop)]
+        acc_device = _accumulator_device(dev, [accumulator_planes(window, box_shape[0]), *box_shape[1:]])
+        acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device)
+        log.info("shard %d: %d windows of %d³ on %s (network %s, batch %d, tta %s, accumulating on %s)", shard,
+                 len(origins), window, dev, form, batch_size, tta, acc.device)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard,
+                 "only_shard": len(plan["shards"]) == 1}
+        began = time.perf_counter()
+        setup_s = began - started
+        read_s = forward_s = accumulate_s = 0.0
+        tmp = stack.enter_context(atomic_output(output))
         writer = _ShardWriter(Path(tmp), box_shape, attrs, plan_path)
         for first in range(0, len(origins), batch_size):
             chunk = origins[first:first + batch_size]
