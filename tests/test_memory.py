@@ -193,6 +193,7 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeyp
     cores = block_cores(shape, halo, budget)
     assert np.prod([-(-n // c) for n, c in zip(shape, cores)]) >= 8, cores
     n_blocked = postprocess_probability(tmp_path / "p.zarr", tmp_path / "blocked.zarr", **kwargs, block_voxels=budget)
+    assert not postprocess._BLOCK_BUFFERS._bytes  # the blocks' reused arrays are not kept after the stage
     n_parallel = postprocess_probability(tmp_path / "p.zarr", tmp_path / "parallel.zarr", **kwargs,
                                          block_voxels=budget, workers=2)
     whole, blocked = read_full(tmp_path / "whole.zarr"), read_full(tmp_path / "blocked.zarr")

@@ -323,6 +323,10 @@ class ReusedBuffers:
             self._bytes[name] = aligned_empty(size, np.uint8)
         return self._bytes[name][:size].view(dtype).reshape(shape)
 
+    def release(self) -> None:
+        """Drop every buffer (arrays handed out stay valid while referenced)."""
+        self._bytes.clear()
+
 
 def _leave_direct_io(descriptor: int, err: OSError, left_already: bool) -> None:
     """After ``err``, go on through the page cache if direct I/O can be why (EINVAL), else re-raise.

@@ -376,6 +376,7 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
                 n_maxima += in_core
                 blocks.append((len(centres), len(peaks), pieces))
                 centres.extend(map(tuple, peaks))
+            _BLOCK_BUFFERS.release()  # without workers, this process segmented the blocks itself
             count = len(centres)
             dtype = "uint16" if count < 2**16 else "uint32"
             renumber = _peak_order_ids(_peak_order(centres), dtype)
