@@ -220,6 +220,16 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeyp
         np.testing.assert_array_equal(read_full(tmp_path / f"threads{workers}.zarr"), whole)
 
 
+def test_forked_workers_start_with_the_preloaded_modules():
+    """process_pool imports ``preload`` before forking, so a worker does not import it again."""
+    probe = ("import sys\nfrom vesicleflow.parallel import process_pool\n"
+             "def imported(_):\n    return 'zarr' in sys.modules\n"
+             "assert 'zarr' not in sys.modules\n"
+             "with process_pool(2, preload=('zarr',)) as pool:\n    print(pool.map(imported, [0, 1]))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), check=True)
+    assert result.stdout.strip() == "[True, True]"
+
+
 @pytest.mark.parametrize("scene", ["over 255 objects", "ball inside a shell"])
 def test_postprocess_pieces_keep_every_id_and_nesting(tmp_path, monkeypatch, scene):
     """A block returns its kept objects as pieces of ids in the smallest dtype that holds them: past

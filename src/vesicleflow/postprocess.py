@@ -352,7 +352,7 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if not 0.0 < min_radius_nm < max_radius_nm:
         raise ValueError(f"need 0 < min_radius_nm < max_radius_nm, got {min_radius_nm} and {max_radius_nm}")
-    with process_pool(workers) as pool:  # before the first read: see process_pool
+    with process_pool(workers, preload=("zarr",)) as pool:  # before the first read: see process_pool
         source = open_volume(probability)
         attrs = dict(source.attrs)
         mapping = GridMapping.from_attrs(attrs["grid"])
