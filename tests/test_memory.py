@@ -220,6 +220,24 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeyp
         np.testing.assert_array_equal(read_full(tmp_path / f"threads{workers}.zarr"), whole)
 
 
+def test_components_past_uint16_are_numbered_in_int32():
+    """Blocks label their components in a reused uint16 array; a block with more than 65,535
+    components gets an int32 array with the same numbering instead of an error."""
+    from scipy import ndimage
+
+    from vesicleflow.postprocess import _label_components
+
+    for planes, expected in ((60, 54_000), (80, 72_000)):
+        foreground = np.zeros((planes, 80, 90), bool)
+        foreground[::2, ::2, ::2] = True  # isolated voxels, each a component
+        reference, count = ndimage.label(foreground)
+        reused = np.empty(foreground.shape, np.uint16)
+        labelled = _label_components(foreground, reused)
+        assert count == expected and (labelled is reused) == (count < 2**16)
+        assert labelled.dtype == (np.uint16 if count < 2**16 else np.int32)
+        np.testing.assert_array_equal(labelled, reference)
+
+
 def test_forked_workers_start_with_the_preloaded_modules():
     """process_pool imports ``preload`` before forking, so a worker does not import it again."""
     probe = ("import sys\nfrom vesicleflow.parallel import process_pool\n"
