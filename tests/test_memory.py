@@ -220,6 +220,23 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeyp
         np.testing.assert_array_equal(read_full(tmp_path / f"threads{workers}.zarr"), whole)
 
 
+def test_postprocess_blocks_keep_every_worker_busy_within_the_budget():
+    """Blocks are as few as the budget allows, but never fewer than the workers when splitting
+    finishes sooner: the benchmark's largest model grid is one block per worker, its middle one
+    two blocks for two workers instead of one that leaves a worker idle."""
+    from vesicleflow.postprocess import BLOCK_VOXELS, block_cores
+
+    def blocks(shape, workers, budget=BLOCK_VOXELS):
+        cores = block_cores(shape, 66, budget, workers)
+        assert np.prod([min(c + 132, n) for c, n in zip(cores, shape)]) <= budget
+        return int(np.prod([-(-n // c) for n, c in zip(shape, cores)]))
+
+    assert blocks((225, 768, 768), 1) == blocks((225, 768, 768), 2) == 2
+    assert blocks((225, 768, 768), 4) == 4
+    assert blocks((150, 384, 384), 1) == 1 and blocks((150, 384, 384), 2) == 2
+    assert blocks((225, 768, 768), 2, 32 * 2**20) == 10  # the earlier budget
+
+
 def test_components_past_uint16_are_numbered_in_int32():
     """Blocks label their components in a reused uint16 array; a block with more than 65,535
     components gets an int32 array with the same numbering instead of an error."""

@@ -232,12 +232,14 @@ def _stage_mb(stage, shape, model_shape):
         block_mb = max(32.0, 64 * 64 * 4 * model_shape[2] / MB)
         return 450 + 5 * block_mb
     if stage == "postprocess":
-        # one haloed block (at most 32 Mi voxels unless the halo needs more) at ~30 bytes a voxel,
-        # per worker process (the rule's 2 threads), + every block's kept objects until the write
+        # one haloed block (at most 96 Mi voxels unless the halo needs more) per worker process
+        # (the rule's 2 threads) at 16 bytes a voxel (about 3 for a block of vesicles, about 52 for
+        # one component filling it: the third attempt's memory covers that), + every block's kept
+        # objects until the write
         post = config["postprocess"]
         halo = 2 * post["max_radius_nm"] / (MODEL_VOXEL_ANGSTROM / 10) + 10
-        block_voxels = min(math.prod(model_shape), max(32 * MB, (8 + 2 * halo) ** 3))
-        return 450 + (2 * 32 + 12) * block_voxels / MB + 200
+        block_voxels = min(math.prod(model_shape), max(96 * MB, (8 + 2 * halo) ** 3))
+        return 450 + (2 * 16 + 4) * block_voxels / MB + 200
     if stage == "spherefit":
         # at most the model-grid labels (read in 64-plane slabs, the open objects' masks kept)
         # + the pages of the tomogram's memory map it touches, + a second worker process
