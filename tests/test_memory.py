@@ -14,8 +14,10 @@ import re
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import VENV_BIN, cli_env, run_snakemake_isolated
 
@@ -168,6 +170,53 @@ def test_stitch_is_the_same_in_any_block_size(tmp_path, monkeypatch):
                                   whole)
 
 
+def blob_probability(path, shape, voxel_angstrom: float, seed: int = 1) -> np.ndarray:
+    """A model-grid probability zarr at ``path`` of 60 noisy balls (radius 2.5-14 voxels; touching,
+    crossing the faces, too small and too large for 8-20 nm); returns the probabilities."""
+    rng = np.random.default_rng(seed)
+    probability = np.zeros(shape, np.float32)
+    for _ in range(60):
+        centre, radius = rng.uniform([0, 0, 0], shape), rng.uniform(2.5, 14)
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[tuple(slice(0, n) for n in shape)], centre)))
+        probability = np.maximum(probability, np.clip(1.2 - 0.7 * distance / radius, 0, 1))
+    probability += rng.normal(0, 0.05, shape).astype(np.float32)
+    attrs = {"grid": GridMapping(shape, voxel_angstrom, voxel_angstrom).to_attrs()}
+    create_volume(path, shape, "float32", attrs=attrs)[...] = probability
+    return probability
+
+
+@pytest.mark.parametrize("voxel_angstrom", [20.0, 15.0])
+def test_postprocess_stores_the_candidates_spherefit_would_cut_from_the_labels(tmp_path, voxel_angstrom):
+    """Each label's candidate that postprocess stores (from its distance transform's nearest
+    background where the voxel size is a power of two, else from a second transform) is the one
+    spherefit finds in the written labels, in one block or in several on two workers; spherefit then
+    fits them without reading the labels, to the same table."""
+    from vesicleflow import spherefit
+    from vesicleflow.postprocess import postprocess_probability
+    from vesicleflow.spherefit import fit_spheres, inscribed_ball, labelled_objects, stored_candidates
+
+    shape = (48, 120, 136)
+    probability = blob_probability(tmp_path / "p.zarr", shape, voxel_angstrom)
+    tomogram = tmp_path / "tomogram.mrc"
+    write_mrc(tomogram, -probability.astype(np.float32), voxel_angstrom)  # dark balls
+    kwargs = {"threshold": 0.5, "min_radius_nm": 8.0, "max_radius_nm": 20.0}
+    tables = []
+    for name, budget, workers in (("whole", 10**9, 1), ("blocked", 400_000, 2)):
+        labels_path = tmp_path / f"{name}.zarr"
+        count = postprocess_probability(tmp_path / "p.zarr", labels_path, **kwargs, block_voxels=budget,
+                                        workers=workers)
+        labels = open_volume(labels_path)
+        expected = sorted(inscribed_ball(*obj, voxel_angstrom / 10) for obj in labelled_objects(labels))
+        stored = stored_candidates(dict(labels.attrs))
+        assert len(stored) == count > 10 and stored == expected
+        with mock.patch.object(spherefit, "open_volume", side_effect=AssertionError("labels read")):
+            tables.append(fit_spheres(labels_path, tomogram, tmp_path / f"{name}.csv", workers=workers))
+        del open_volume(labels_path, mode="r+").attrs["candidates"]  # an earlier version's labels: cut from them
+        pd.testing.assert_frame_equal(fit_spheres(labels_path, tomogram, tmp_path / f"{name}_cut.csv"), tables[-1],
+                                      check_exact=True)
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
+
+
 def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeypatch):
     """Touching vesicles, vesicles across block borders, blobs too small and too large: the blocked
     result (in one process or two, its labels written by one thread or three, in any box order)
@@ -177,15 +226,7 @@ def test_postprocess_in_blocks_equals_the_whole_volume_at_once(tmp_path, monkeyp
     from vesicleflow.spherefit import object_boxes, stored_object_boxes
 
     shape = (48, 120, 136)
-    rng = np.random.default_rng(1)
-    probability = np.zeros(shape, np.float32)
-    for _ in range(60):
-        centre, radius = rng.uniform([0, 0, 0], shape), rng.uniform(2.5, 14)
-        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[tuple(slice(0, n) for n in shape)], centre)))
-        probability = np.maximum(probability, np.clip(1.2 - 0.7 * distance / radius, 0, 1))
-    probability += rng.normal(0, 0.05, shape).astype(np.float32)
-    attrs = {"grid": GridMapping(shape, 20.0, 20.0).to_attrs()}
-    create_volume(tmp_path / "p.zarr", shape, "float32", attrs=attrs)[...] = probability
+    probability = blob_probability(tmp_path / "p.zarr", shape, 20.0)
     kwargs = {"threshold": 0.5, "min_radius_nm": 8.0, "max_radius_nm": 20.0}
     n_whole = postprocess_probability(tmp_path / "p.zarr", tmp_path / "whole.zarr", **kwargs, block_voxels=10**9)
     budget = 400_000

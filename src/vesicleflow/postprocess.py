@@ -10,7 +10,8 @@ and keeps exactly the objects whose inscribed-ball centre (distance-transform pe
 block's core. Any object that can be accepted lies, with every voxel its distance transform and
 watershed depend on, inside that haloed block, so the result equals processing the whole volume
 at once (a test checks this). Labels are numbered 1..N in (z, y, x) order of those centres,
-whatever the blocking.
+whatever the blocking. With the labels go each label's bounding box and sphere-fit candidate
+(the centre and radius of its own largest inscribed ball), so that spherefit need not read them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from skimage.segmentation import watershed
 from vesicleflow.grid import GridMapping, nearest_source_indices
 from vesicleflow.io import InputError, ReusedBuffers, atomic_output, open_mrc_volume, scratch_dir
 from vesicleflow.parallel import ordered_map, process_pool
+from vesicleflow.spherefit import region_candidate
 from vesicleflow.volumes import (
     DEFAULT_CHUNKS,
     create_volume,
@@ -91,7 +93,7 @@ def _segment_components(foreground: np.ndarray, voxel_size_nm: float, min_radius
     """:func:`segment_block` with the ids in processing order (the caller reorders them)."""
     labels = np.zeros(foreground.shape, np.int32)
     all_peaks, all_inscribed, n_so_far = [], [], 0
-    for box, obj, distance_nm, peaks in _component_peaks(foreground, voxel_size_nm, min_radius_nm,
+    for box, obj, distance_nm, peaks, _ in _component_peaks(foreground, voxel_size_nm, min_radius_nm,
                                                          min_separation_nm, core):
         local, inscribed = _flood(obj, distance_nm, peaks)
         all_inscribed.append(inscribed)
@@ -107,22 +109,30 @@ def _component_peaks(foreground: np.ndarray, voxel_size_nm: float, min_radius_nm
                      min_separation_nm: float | None, core: tuple[slice, ...] | None,
                      components: np.ndarray | None = None):
     """Per connected component with distance maxima, in label order: (box one voxel wider, the
-    component in it, its distance transform in nm, the maxima (p, 3) in box coordinates).
+    component in it, its distance transform in nm, the maxima (p, 3) in box coordinates, and the
+    distance transform's nearest background voxels (``features``, as ndimage's indices) where the
+    component has one maximum and the voxel size is a power of two, else None).
+
+    ``features`` lets the component's sphere-fit candidate skip a second distance transform
+    (:func:`vesicleflow.spherefit.region_candidate`): scaled by a power of two, every distance
+    ndimage compares is scaled exactly, so its choices are those of the unit-voxel transform.
 
     ``components``: an array of the foreground's shape to hold the connected components (a block
     worker reuses one: 0.05-0.13 s less per block than a new one; see :func:`_label_components`)."""
     components = _label_components(foreground, components)
     min_distance = _min_distance_voxels(voxel_size_nm, min_radius_nm, min_separation_nm)
+    exact_scaling = math.frexp(voxel_size_nm)[0] == 0.5
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         if core is not None and not _overlaps(box, core):
             continue
         box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, foreground.shape))
         obj = components[box] == index
-        distance_nm = ndimage.distance_transform_edt(obj, sampling=voxel_size_nm).astype(np.float32)
+        distance, features = ndimage.distance_transform_edt(obj, sampling=voxel_size_nm, return_indices=True)
+        distance_nm = distance.astype(np.float32)
         peaks = peak_local_max(distance_nm, min_distance=min_distance, threshold_abs=0.5 * min_radius_nm,
                                labels=obj.view(np.uint8), exclude_border=False).reshape(-1, 3)
         if len(peaks):
-            yield box, obj, distance_nm, peaks
+            yield box, obj, distance_nm, peaks, features if len(peaks) == 1 and exact_scaling else None
 
 
 def _label_components(foreground: np.ndarray, components: np.ndarray | None = None) -> np.ndarray:
@@ -257,21 +267,24 @@ def _segment_haloed_block(job: tuple) -> tuple:
     """Segment one haloed block; keep the objects whose peak lies in its core and whose inscribed
     radius is in range. Returns (the number of maxima in the core, the kept objects as pieces
     [(box in volume coordinates, ids 1..k there, 0 elsewhere)], their peaks (k, 3) in volume
-    coordinates, row i for id i + 1). A piece is one component's kept part, cropped: the pieces hold
-    about the kept voxels, not the block. Reads its inputs itself: worker processes get paths, not volumes."""
+    coordinates, row i for id i + 1, and their sphere-fit candidates, k rows of [mz, my, mx,
+    guess_radius_nm]: see :func:`vesicleflow.spherefit.region_candidate`). A piece is one
+    component's kept part, cropped: the pieces hold about the kept voxels, not the block. Reads its
+    inputs itself: worker processes get paths, not volumes."""
     probability, model_mask, inner, outer, threshold, voxel_nm, min_radius_nm, max_radius_nm, separation = job
-    foreground = threshold_box(open_volume(probability), outer, threshold)
+    source = open_volume(probability)
+    foreground = threshold_box(source, outer, threshold)
     if model_mask is not None:
         foreground &= read_box(open_volume(model_mask), outer)
-    pieces, centres, n_in_core = [], [], 0
+    pieces, centres, candidates, n_in_core = [], [], [], 0
     if not foreground.any():
-        return n_in_core, pieces, np.zeros((0, 3), np.int64)
+        return n_in_core, pieces, np.zeros((0, 3), np.int64), []
     local_core = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
     low, high = np.array([c.start for c in local_core]), np.array([c.stop for c in local_core])
     origin = np.array([o.start for o in outer])
     components = _BLOCK_BUFFERS.get("components", foreground.shape, np.uint16)
-    for box, obj, distance_nm, peaks in _component_peaks(foreground, voxel_nm, min_radius_nm, separation, local_core,
-                                                         components):
+    for box, obj, distance_nm, peaks, features in _component_peaks(foreground, voxel_nm, min_radius_nm, separation,
+                                                                   local_core, components):
         start = np.array([s.start for s in box])
         in_core = np.all((peaks + start >= low) & (peaks + start < high), axis=1)
         n_in_core += int(in_core.sum())
@@ -289,7 +302,12 @@ def _segment_haloed_block(job: tuple) -> tuple:
         pieces.append((tuple(slice(int(o + b.start + c.start), int(o + b.start + c.stop))
                              for o, b, c in zip(origin, box, crop)), kept[crop].copy()))
         centres.extend(peaks[keep] + start + origin)
-    return n_in_core, _compact(pieces), np.array(centres, np.int64).reshape(-1, 3)
+        if features is not None:  # one maximum: the object is the component, in the same box
+            candidates.append(list(region_candidate(0, obj, start + origin, source.shape, voxel_nm, features)[1:]))
+        else:
+            candidates.extend(list(region_candidate(0, local == region, start + origin, source.shape, voxel_nm)[1:])
+                              for region in np.flatnonzero(keep) + 1)
+    return n_in_core, _compact(pieces), np.array(centres, np.int64).reshape(-1, 3), candidates
 
 
 def _compact(pieces: list) -> list:
@@ -394,15 +412,19 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
             jobs = [(str(probability), str(model_mask) if model_mask else None, inner, outer, threshold, voxel_nm,
                      min_radius_nm, max_radius_nm, min_separation_nm)
                     for inner, outer in iter_blocks(shape, core, halo)]
-            blocks, centres, n_maxima = [], [], 0
-            for in_core, pieces, peaks in ordered_map(pool, _segment_haloed_block, jobs):
+            blocks, centres, candidates, n_maxima = [], [], [], 0
+            for in_core, pieces, peaks, block_candidates in ordered_map(pool, _segment_haloed_block, jobs):
                 n_maxima += in_core
                 blocks.append((len(centres), len(peaks), pieces))
                 centres.extend(map(tuple, peaks))
+                candidates.extend(block_candidates)
             _BLOCK_BUFFERS.release()  # without workers, this process segmented the blocks itself
             count = len(centres)
             dtype = "uint16" if count < 2**16 else "uint32"
             renumber = _peak_order_ids(_peak_order(centres), dtype)
+            by_label = [None] * count
+            for final_id, candidate in zip(renumber[1:].tolist(), candidates):
+                by_label[final_id - 1] = candidate
             pieces = []
             for offset, n, block_pieces in blocks:  # block-local ids 1..n -> final ids
                 lookup = renumber[offset:offset + n + 1].copy()
@@ -411,7 +433,8 @@ def postprocess_probability(probability: str | Path, output: str | Path, thresho
             with atomic_output(output) as tmp:
                 labels = create_volume(tmp, shape, dtype, attrs={**attrs, "count": count,
                                                                  "mask": str(mask) if mask else None,
-                                                                 "boxes": _label_boxes(pieces, count).tolist()})
+                                                                 "boxes": _label_boxes(pieces, count).tolist(),
+                                                                 "candidates": by_label})
                 _write_labels(labels, pieces, workers)
     log.info("%d candidate maxima, %d within %.1f-%.1f nm (%d block(s) of core %s, halo %d voxels, %d worker(s))",
              n_maxima, count, min_radius_nm, max_radius_nm, len(jobs), core, halo, workers)

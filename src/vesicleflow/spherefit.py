@@ -25,7 +25,7 @@ from scipy import ndimage
 from vesicleflow.grid import GridMapping
 from vesicleflow.io import read_tomogram, read_tomogram_info, write_table
 from vesicleflow.parallel import ordered_map, process_pool
-from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume, read_box, z_slabs
+from vesicleflow.volumes import DEFAULT_CHUNKS, open_volume, read_box, volume_attributes, z_slabs
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: fitting workers never need it (0.5 s each)
     import pandas as pd
@@ -353,8 +353,51 @@ def inscribed_ball(label: int, origin: tuple[int, ...], mask: np.ndarray, voxel_
     """(label, mz, my, mx, guess_radius_nm): the centre and radius (model grid) of the object's largest ball."""
     dist = ndimage.distance_transform_edt(mask)
     peak = np.unravel_index(np.argmax(dist), dist.shape)
-    mz, my, mx = (p + start for p, start in zip(peak, origin))
+    mz, my, mx = (int(p + start) for p, start in zip(peak, origin))
     return label, mz, my, mx, float(dist[peak]) * voxel_nm
+
+
+def region_candidate(label: int, region: np.ndarray, region_origin, volume_shape, voxel_nm: float,
+                     features: np.ndarray | None = None) -> tuple:
+    """:func:`inscribed_ball` of the object whose voxels are the True ones of ``region``, an array
+    placed at ``region_origin`` in a volume of ``volume_shape``: its mask is cut as
+    :func:`labelled_objects` cuts it from a label volume (its bounding box padded by one voxel within
+    the volume), so both give the same candidate. postprocess calls this on each object it keeps.
+
+    ``features``: the nearest background voxel of each voxel of ``region`` (ndimage's indices, as
+    ``distance_transform_edt(region, return_indices=True)`` gives them); where ``region`` is that
+    padded box, the candidate comes from their integer squared distances, which are the unit-voxel
+    transform's before its square root: the same centre and radius, without a second transform."""
+    found = ndimage.find_objects(region.view(np.uint8))[0]
+    region_origin = np.asarray(region_origin, np.int64)
+    lo = region_origin + [s.start for s in found]
+    hi = region_origin + [s.stop for s in found]
+    padded_lo, padded_hi = np.maximum(lo - 1, 0), np.minimum(hi + 1, volume_shape)
+    region_stop = region_origin + region.shape
+    if features is not None and (padded_lo == region_origin).all() and (padded_hi == region_stop).all():
+        squared = np.zeros(region.shape, np.int64)
+        for axis, nearest in enumerate(features):
+            offset = nearest - np.arange(region.shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
+            squared += offset * offset
+        peak = np.unravel_index(int(np.argmax(squared)), region.shape)
+        mz, my, mx = (int(p + start) for p, start in zip(peak, padded_lo))
+        return label, mz, my, mx, float(np.sqrt(np.float64(squared[peak]))) * voxel_nm
+    mask = np.zeros(padded_hi - padded_lo, bool)
+    start, stop = np.maximum(padded_lo, region_origin), np.minimum(padded_hi, region_stop)
+    mask[tuple(slice(a, b) for a, b in zip(start - padded_lo, stop - padded_lo))] = \
+        region[tuple(slice(a, b) for a, b in zip(start - region_origin, stop - region_origin))]
+    return inscribed_ball(label, tuple(int(v) for v in padded_lo), mask, voxel_nm)
+
+
+def stored_candidates(attrs: dict) -> list[tuple] | None:
+    """The candidates (label, mz, my, mx, guess_radius_nm) postprocess stored in the label volume's
+    attributes (``candidates``: one [mz, my, mx, guess_radius_nm] per label 1..count); None when it
+    did not (labels written by an earlier version)."""
+    candidates = attrs.get("candidates")
+    if candidates is None or len(candidates) != attrs.get("count"):
+        return None
+    return [(label, int(mz), int(my), int(mx), float(radius))
+            for label, (mz, my, mx, radius) in enumerate(candidates, start=1)]
 
 
 def resolve_overlaps(table: pd.DataFrame, voxel_nm: float, tolerance_nm: float) -> pd.Series:
@@ -412,16 +455,26 @@ def _fit_candidate(cand: tuple) -> dict:
     return row
 
 
-def _fit_object(task: tuple) -> dict:
-    """One row of spheres.csv for a labelled object (label, origin, mask): its candidate, then its fit.
-
-    The task carries the fit's context (small), so a process sets itself up at its first task: the
-    pool exists before the labels are read (see :func:`vesicleflow.parallel.process_pool`)."""
-    context, obj = task
+def _set_up(context: tuple) -> None:
+    """Set this process up for the fit's ``context`` (small, carried by every task) at its first task:
+    the pool exists before the labels are read (see :func:`vesicleflow.parallel.process_pool`)."""
     if _WORKER.get("context") != context:
         _init_worker(*context)
         _WORKER["context"] = context
+
+
+def _fit_object(task: tuple) -> dict:
+    """One row of spheres.csv for a labelled object (label, origin, mask): its candidate, then its fit."""
+    context, obj = task
+    _set_up(context)
     return _fit_candidate(inscribed_ball(*obj, _WORKER["model_voxel_nm"]))
+
+
+def _fit_stored(task: tuple) -> dict:
+    """One row of spheres.csv for a candidate that postprocess stored (see :func:`stored_candidates`)."""
+    context, candidate = task
+    _set_up(context)
+    return _fit_candidate(candidate)
 
 
 def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Path,
@@ -433,25 +486,33 @@ def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Pat
 
     A fit that moved far from the segmentation's guess is an outlier unless its membrane is at
     least ``trusted_contrast`` dark: a weak or partial probability blob gives a poor guess, and a
-    clear bilayer measured on the tomogram itself is the better evidence. Candidates are found and
-    fitted independently, by ``workers`` processes (the table does not depend on their number).
+    clear bilayer measured on the tomogram itself is the better evidence. Each label's candidate
+    (its largest inscribed ball) is the one postprocess stored with the labels, or, for labels
+    without them, found in the labels by the workers; candidates are fitted independently, by
+    ``workers`` processes (the table does not depend on their number).
 
     Coordinates (z, y, x) are 0-based voxel indices of the original tomogram.
     """
     with process_pool(workers) as pool:  # before the first read: see process_pool
-        labels_zarr = open_volume(labels_path)
+        attrs = volume_attributes(labels_path)
         info = read_tomogram_info(tomogram, voxel_size_angstrom)
         voxel_nm = info.voxel_size_nm
         settings = {"min_radius_nm": min_radius_nm, "max_radius_nm": max_radius_nm, "min_contrast": min_contrast,
                     "min_fit_score": min_fit_score, "trusted_contrast": trusted_contrast,
                     "bilayer_thickness_nm": bilayer_thickness_nm}
-        context = (str(tomogram), dict(labels_zarr.attrs)["grid"], voxel_nm, settings)
-        boxes = stored_object_boxes(labels_zarr) or object_boxes(labels_zarr)
-        # Objects are cut from the labels while the workers fit the first ones (the pool draws tasks
-        # from the generator in a thread of its own). 32 chunks per process: the last ones, fitted
-        # while other processes may idle, are short.
-        tasks = ((context, obj) for obj in labelled_objects(labels_zarr, boxes))
-        fitted = ordered_map(pool, _fit_object, tasks, chunksize=max(1, len(boxes[0]) // (32 * max(workers, 1))))
+        context = (str(tomogram), attrs["grid"], voxel_nm, settings)
+        candidates = stored_candidates(attrs)
+        if candidates is not None:  # the labels themselves need not be read
+            fit, tasks, n_tasks = _fit_stored, ((context, c) for c in candidates), len(candidates)
+        else:
+            # Objects are cut from the labels while the workers fit the first ones (the pool draws
+            # tasks from the generator in a thread of its own).
+            labels_zarr = open_volume(labels_path)
+            boxes = stored_object_boxes(labels_zarr) or object_boxes(labels_zarr)
+            fit, tasks, n_tasks = _fit_object, ((context, obj) for obj in labelled_objects(labels_zarr, boxes)), \
+                len(boxes[0])
+        # 32 chunks per process: the last ones, fitted while other processes may idle, are short.
+        fitted = ordered_map(pool, fit, tasks, chunksize=max(1, n_tasks // (32 * max(workers, 1))))
         import pandas as pd  # while the workers fit
 
         rows = sorted(fitted, key=lambda row: row["label"])

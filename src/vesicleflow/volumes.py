@@ -264,15 +264,32 @@ class ChunkFiles:
                 os.close(descriptor)
 
 
-def volume_shape(path: str | Path) -> tuple[int, ...]:
-    """The shape of the zarr array at ``path``; a zarr v3 array's from its ``zarr.json`` alone, without
-    importing zarr (a quarter of a second, most of a stage that needs nothing else)."""
+def _array_metadata(path: str | Path) -> dict | None:
+    """The ``zarr.json`` document of a zarr v3 array at ``path``; None for anything else."""
     metadata = Path(path) / "zarr.json"
     if metadata.is_file():
         document = json.loads(metadata.read_text())
         if document.get("zarr_format") == 3 and document.get("node_type") == "array":
-            return tuple(int(n) for n in document["shape"])
+            return document
+    return None
+
+
+def volume_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of the zarr array at ``path``; a zarr v3 array's from its ``zarr.json`` alone, without
+    importing zarr (a quarter of a second, most of a stage that needs nothing else)."""
+    document = _array_metadata(path)
+    if document is not None:
+        return tuple(int(n) for n in document["shape"])
     return tuple(open_volume(path).shape)
+
+
+def volume_attributes(path: str | Path) -> dict:
+    """The attributes of the zarr array at ``path``; a zarr v3 array's from its ``zarr.json`` alone, as
+    :func:`volume_shape` reads its shape."""
+    document = _array_metadata(path)
+    if document is not None:
+        return dict(document.get("attributes", {}))
+    return dict(open_volume(path).attrs)
 
 
 def open_volume(path: str | Path, mode: str = "r"):
