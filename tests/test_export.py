@@ -105,12 +105,17 @@ def test_sphere_labels_match_brute_force_across_slabs():
     radii = np.array([4.5, 6.0, 3.2, 5.5])
     ids = np.array([3, 7, 1, 2])
     expected = dense_spheres(shape, centres, radii, ids)
-    # a budget of ~3 planes forces several slabs, spheres crossing slab borders and volume faces
+    # a budget of ~3 planes forces several slabs, spheres crossing slab borders and volume faces;
+    # the header statistics counted while drawing are those of a scan of the slabs
+    counted, scanned = formats.HeaderStats(), formats.HeaderStats()
     slabs = [(z0, block.copy()) for z0, block in
-             formats.sphere_label_slabs(shape, centres, radii, ids, np.uint16, budget_bytes=3 * 30 * 33 * 6)]
+             formats.sphere_label_slabs(shape, centres, radii, ids, np.uint16, budget_bytes=3 * 30 * 33 * 6,
+                                        stats=counted)]
     assert len(slabs) > 3
     got = np.concatenate([block for _, block in slabs])
     np.testing.assert_array_equal(got, expected)
+    scanned.add(got)
+    assert vars(counted) == vars(scanned) and counted.n == got.size and counted.high == 7
 
 
 def test_mrc_slab_writer_header_statistics_validate(tmp_path):

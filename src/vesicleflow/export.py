@@ -290,9 +290,10 @@ def write_sphere_label_mrc(path: str | Path, table: pd.DataFrame, shape_zyx, vox
     mode, dtype = formats.label_mrc_mode(len(table))
     centres = table[["z", "y", "x"]].to_numpy(dtype=np.float64)
     radii = table["radius_nm"].to_numpy(dtype=np.float64) / (voxel_size_angstrom / 10)
-    slabs = formats.sphere_label_slabs(shape_zyx, centres, radii, table["vesicle_id"].to_numpy(), dtype)
+    stats = formats.HeaderStats()
+    slabs = formats.sphere_label_slabs(shape_zyx, centres, radii, table["vesicle_id"].to_numpy(), dtype, stats=stats)
     formats.write_mrc_slabs(path, shape_zyx, mode, voxel_size_angstrom, origin_angstrom, slabs,
-                            label="vesicleflow: fitted vesicle spheres")
+                            label="vesicleflow: fitted vesicle spheres", stats=stats)
 
 
 def write_probability_mrc(path: str | Path, probability_path: str | Path) -> None:

@@ -288,28 +288,36 @@ def slab_planes(plane_shape, bytes_per_voxel: int, budget_bytes: int = 128 * 2**
 
 
 def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray, ids: np.ndarray, dtype,
-                       budget_bytes: int = 128 * 2**20):
+                       budget_bytes: int = 128 * 2**20, stats: HeaderStats | None = None):
     """Yield z slabs of a volume where each sphere is drawn with its id (one buffer: each slab is
     valid until the next is requested).
 
     A voxel belongs to a sphere when its centre lies within the radius; where two spheres share a
     voxel, the one whose surface is farther away (smaller distance / radius) wins. Work is limited
-    to each sphere's bounding box, memory to one slab.
+    to each sphere's bounding box, memory to one slab. ``stats``: filled with the volume's header
+    statistics by the time the last slab is yielded, from each id's voxel count (kept while drawing),
+    so that :func:`write_mrc_slabs` need not scan the slabs for them.
     """
     nz, ny, nx = (int(s) for s in shape_zyx)
     centres = np.asarray(centres_zyx, dtype=np.float64).reshape(-1, 3)
     radii = np.asarray(radii_vox, dtype=np.float64).reshape(-1)
+    ids = np.asarray(ids).reshape(-1)
     lo = np.ceil(centres - radii[:, None]).astype(np.int64)
     hi = np.floor(centres + radii[:, None]).astype(np.int64) + 1          # exclusive
     order = np.argsort(lo[:, 0], kind="stable")
     step = min(slab_planes((ny, nx), np.dtype(dtype).itemsize + 4, budget_bytes), nz)
-    # Buffers reused from slab to slab (see write_mrc_slabs): fresh ones page-fault every slab.
-    labels_buffer = np.empty((step, ny, nx), dtype)
+    # Buffers reused from slab to slab (see write_mrc_slabs): fresh ones page-fault every slab. Only
+    # the boxes drawn in a slab are cleared for the next: the rest of the buffer is still zero.
+    labels_buffer = np.zeros((step, ny, nx), dtype)
     best_buffer = np.empty((step, ny, nx), np.float32)
+    counts = np.zeros(int(ids.max(initial=0)) + 1, np.int64)  # voxels drawn with each id
+    drawn = []
     for z0 in range(0, nz, step):
         z1 = min(z0 + step, nz)
-        labels, best = labels_buffer[:z1 - z0], best_buffer[:z1 - z0]
-        labels.fill(0)  # ``best`` is read only where a label is set: it needs no filling
+        for box in drawn:
+            labels_buffer[box] = 0
+        drawn.clear()
+        labels, best = labels_buffer[:z1 - z0], best_buffer[:z1 - z0]  # ``best`` is read only where a label is set
         for i in order[(lo[order, 0] < z1) & (hi[order, 0] > z0)]:
             a = np.maximum(lo[i], [z0, 0, 0])
             b = np.minimum(hi[i], [z1, ny, nx])
@@ -320,14 +328,30 @@ def sphere_label_slabs(shape_zyx, centres_zyx: np.ndarray, radii_vox: np.ndarray
             np.sqrt(q, out=q)
             q /= radii[i]
             box = (slice(a[0] - z0, b[0] - z0), slice(a[1], b[1]), slice(a[2], b[2]))
+            drawn.append(box)
             region, region_best = labels[box], best[box]
             take = q <= 1.0
             claimed = region != 0
             if claimed.any():  # another sphere reaches into this one's box: the nearer surface loses
                 take &= ~claimed | (q < region_best)
+                counts -= np.bincount(region[take], minlength=len(counts))[:len(counts)]
+                counts[0] = 0
             region[take] = ids[i]
             region_best[take] = q[take]
+            counts[ids[i]] += np.count_nonzero(take)
+        if stats is not None and z1 == nz:
+            _add_label_counts(stats, counts, nz * ny * nx)
         yield z0, labels
+
+
+def _add_label_counts(stats: HeaderStats, counts: np.ndarray, n_voxels: int) -> None:
+    """Add a label volume of ``n_voxels`` whose value v > 0 occurs ``counts[v]`` times (the rest 0),
+    with the numbers :meth:`HeaderStats.add` gives slab by slab (sums of integers: exact below 2**53)."""
+    values = np.flatnonzero(counts[1:]) + 1
+    weights = counts[values].astype(np.float64)
+    labelled = int(counts[values].sum())
+    stats.add_moments(n_voxels, float(weights @ values), float(weights @ np.square(values, dtype=np.float64)),
+                      0.0 if labelled < n_voxels else float(values[0]), float(values[-1]) if len(values) else 0.0)
 
 
 def resampled_slabs(model_volume, mapping, dtype=np.float32, block_planes: int = 64,
