@@ -145,6 +145,38 @@ def test_mrc_planes_are_read_behind_any_header(dtype, tmp_path, page_cache_fallb
         volume.read_into(5, np.empty((2, 33, 45), np.float32), aligned_empty(volume.scratch_bytes(2), np.uint8))
 
 
+@pytest.mark.parametrize("evicted", ["nothing", "the second half", "everything"])
+def test_mrc_planes_come_from_the_page_cache_where_the_kernel_holds_them(evicted, tmp_path, monkeypatch):
+    """read_into copies the part of the file the kernel holds and reads the rest by direct I/O
+    (direct reads would go to the disk for cached pages too): the same planes whatever is cached."""
+    if not _filesystem_has_direct_io(tmp_path):
+        pytest.skip("no direct I/O here")
+    data = np.random.default_rng(2).normal(size=(40, 64, 64)).astype(np.float32)
+    path = tmp_path / "t.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # clean pages, which the kernel can drop
+        size = path.stat().st_size
+        first_evicted = {"nothing": size, "the second half": size // 2 // 4096 * 4096, "everything": 0}[evicted]
+        os.posix_fadvise(descriptor, first_evicted, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+    direct_reads = []
+    read = vesicleflow.io.pread_into
+    monkeypatch.setattr(vesicleflow.io, "pread_into",
+                        lambda descriptor, out, offset: direct_reads.append(offset) or read(descriptor, out, offset))
+    volume = open_mrc_volume(path)
+    out = np.empty(data.shape, np.float32)
+    got = volume.read_into(0, out, aligned_empty(volume.scratch_bytes(len(out)), np.uint8))
+    np.testing.assert_array_equal(got, data)
+    if evicted == "nothing":
+        assert direct_reads == []
+    else:  # from the first page not cached (reading the header may have cached a few again)
+        assert len(direct_reads) == 1 and first_evicted <= direct_reads[0] < size and direct_reads[0] % 4096 == 0
+
+
 def test_chunk_files_read_and_write_the_same_bytes_either_way(tmp_path, monkeypatch, page_cache_fallbacks):
     """A float volume's chunk files (edge chunks included) are the same bytes by direct I/O or not,
     and direct I/O reads and writes every one of them."""

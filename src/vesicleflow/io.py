@@ -362,6 +362,33 @@ def pread_into(descriptor: int, out: np.ndarray, offset: int) -> int:
     return done
 
 
+def pread_cached(path: str | os.PathLike, out: np.ndarray, offset: int) -> int:
+    """Fill ``out`` from byte ``offset`` of the file at ``path`` as far as the page cache holds it
+    (``RWF_NOWAIT``: a read that would wait for the disk stops instead); returns the bytes copied, a
+    multiple of :data:`DIRECT_IO_ALIGNMENT` unless the file ends.
+
+    Direct I/O reads the disk even where the kernel holds the file already (a tomogram read before,
+    or just written): 1.2 GB took 1.3 s from this machine's disk against 0.3 s from memory. Reading
+    what is cached first, then the rest directly, takes no new page-cache memory either way."""
+    if not (direct_io_enabled() and hasattr(os, "RWF_NOWAIT")):
+        return 0
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    descriptor = os.open(path, os.O_RDONLY)
+    done = 0
+    try:
+        while done < view.nbytes:
+            try:
+                count = os.preadv(descriptor, [view[done:]], offset + done, os.RWF_NOWAIT)
+            except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a filesystem without the flag
+                break
+            if count == 0:
+                return done
+            done += count
+    finally:
+        os.close(descriptor)
+    return done if done == view.nbytes else done - done % DIRECT_IO_ALIGNMENT
+
+
 def pwrite_all(descriptor: int, data: memoryview | bytes, offset: int) -> None:
     """Write all of ``data`` at byte ``offset`` of an open file (positioned writes: threads may share
     the descriptor)."""
@@ -448,20 +475,25 @@ class MrcVolume:
     def read_into(self, start: int, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """Planes [start, start + len(out)) as ``out``'s dtype, with positioned reads (safe from several
         threads). ``scratch``: a uint8 array of at least :meth:`scratch_bytes` bytes that the caller
-        reuses from read to read; the file's blocks are read into it by direct I/O
-        (:func:`open_for_io`). Returns a view of ``scratch`` when the file holds the planes as ``out``'s
-        dtype already (no copy: copying 1.2 GB took a third of normalize's wall time), else ``out``,
-        converted; either is valid until the caller reuses its buffers."""
+        reuses from read to read; the file's blocks are copied into it from the page cache where the
+        kernel holds them (:func:`pread_cached`), the others read by direct I/O (:func:`open_for_io`).
+        Returns a view of ``scratch`` when the file holds the planes as ``out``'s dtype already (no
+        copy: copying 1.2 GB took a third of normalize's wall time), else ``out``, converted; either
+        is valid until the caller reuses its buffers."""
         offset, head, length = self._span(start, len(out))
         skip = -scratch.ctypes.data % DIRECT_IO_ALIGNMENT
         span = scratch[skip:skip + length]
         if len(span) != length:
             raise ValueError(f"scratch of {scratch.nbytes} bytes; {self.scratch_bytes(len(out))} needed")
-        descriptor = open_for_io(self.path, os.O_RDONLY)
-        try:
-            complete = pread_into(descriptor, span, offset) >= head + len(out) * self.plane_bytes
-        finally:
-            os.close(descriptor)
+        needed = head + len(out) * self.plane_bytes
+        read = pread_cached(self.path, span, offset)
+        if read < needed:
+            descriptor = open_for_io(self.path, os.O_RDONLY)
+            try:
+                read += pread_into(descriptor, span[read:], offset + read)
+            finally:
+                os.close(descriptor)
+        complete = read >= needed
         if not complete:
             raise InputError(f"{self.path}: truncated while reading z planes {start}-{start + len(out)}")
         planes = span[head:head + len(out) * self.plane_bytes].view(self.dtype).reshape(out.shape)
