@@ -503,14 +503,15 @@ def fit_spheres(labels_path: str | Path, tomogram: str | Path, output: str | Pat
         context = (str(tomogram), attrs["grid"], voxel_nm, settings)
         candidates = stored_candidates(attrs)
         if candidates is not None:  # the labels themselves need not be read
-            fit, tasks, n_tasks = _fit_stored, ((context, c) for c in candidates), len(candidates)
+            fit, n_tasks = _fit_stored, len(candidates)
+            tasks = ((context, candidate) for candidate in candidates)
         else:
             # Objects are cut from the labels while the workers fit the first ones (the pool draws
             # tasks from the generator in a thread of its own).
             labels_zarr = open_volume(labels_path)
             boxes = stored_object_boxes(labels_zarr) or object_boxes(labels_zarr)
-            fit, tasks, n_tasks = _fit_object, ((context, obj) for obj in labelled_objects(labels_zarr, boxes)), \
-                len(boxes[0])
+            fit, n_tasks = _fit_object, len(boxes[0])
+            tasks = ((context, obj) for obj in labelled_objects(labels_zarr, boxes))
         # 32 chunks per process: the last ones, fitted while other processes may idle, are short.
         fitted = ordered_map(pool, fit, tasks, chunksize=max(1, n_tasks // (32 * max(workers, 1))))
         import pandas as pd  # while the workers fit
