@@ -303,9 +303,9 @@ def _segment_haloed_block(job: tuple) -> tuple:
                              for o, b, c in zip(origin, box, crop)), kept[crop].copy()))
         centres.extend(peaks[keep] + start + origin)
         if features is not None:  # one maximum: the object is the component, in the same box
-            candidates.append(list(region_candidate(0, obj, start + origin, source.shape, voxel_nm, features)[1:]))
+            candidates.append(region_candidate(obj, start + origin, source.shape, voxel_nm, features))
         else:
-            candidates.extend(list(region_candidate(0, local == region, start + origin, source.shape, voxel_nm)[1:])
+            candidates.extend(region_candidate(local == region, start + origin, source.shape, voxel_nm)
                               for region in np.flatnonzero(keep) + 1)
     return n_in_core, _compact(pieces), np.array(centres, np.int64).reshape(-1, 3), candidates
 

@@ -357,12 +357,13 @@ def inscribed_ball(label: int, origin: tuple[int, ...], mask: np.ndarray, voxel_
     return label, mz, my, mx, float(dist[peak]) * voxel_nm
 
 
-def region_candidate(label: int, region: np.ndarray, region_origin, volume_shape, voxel_nm: float,
-                     features: np.ndarray | None = None) -> tuple:
-    """:func:`inscribed_ball` of the object whose voxels are the True ones of ``region``, an array
-    placed at ``region_origin`` in a volume of ``volume_shape``: its mask is cut as
-    :func:`labelled_objects` cuts it from a label volume (its bounding box padded by one voxel within
-    the volume), so both give the same candidate. postprocess calls this on each object it keeps.
+def region_candidate(region: np.ndarray, region_origin, volume_shape, voxel_nm: float,
+                     features: np.ndarray | None = None) -> list:
+    """[mz, my, mx, guess_radius_nm] of :func:`inscribed_ball` for the object whose voxels are the
+    True ones of ``region``, an array placed at ``region_origin`` in a volume of ``volume_shape``:
+    its mask is cut as :func:`labelled_objects` cuts it from a label volume (its bounding box padded
+    by one voxel within the volume), so both give the same candidate. postprocess calls this on each
+    object it keeps.
 
     ``features``: the nearest background voxel of each voxel of ``region`` (ndimage's indices, as
     ``distance_transform_edt(region, return_indices=True)`` gives them); where ``region`` is that
@@ -380,13 +381,13 @@ def region_candidate(label: int, region: np.ndarray, region_origin, volume_shape
             offset = nearest - np.arange(region.shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
             squared += offset * offset
         peak = np.unravel_index(int(np.argmax(squared)), region.shape)
-        mz, my, mx = (int(p + start) for p, start in zip(peak, padded_lo))
-        return label, mz, my, mx, float(np.sqrt(np.float64(squared[peak]))) * voxel_nm
+        return [*(int(p + start) for p, start in zip(peak, padded_lo)),
+                float(np.sqrt(np.float64(squared[peak]))) * voxel_nm]
     mask = np.zeros(padded_hi - padded_lo, bool)
     start, stop = np.maximum(padded_lo, region_origin), np.minimum(padded_hi, region_stop)
     mask[tuple(slice(a, b) for a, b in zip(start - padded_lo, stop - padded_lo))] = \
         region[tuple(slice(a, b) for a, b in zip(start - region_origin, stop - region_origin))]
-    return inscribed_ball(label, tuple(int(v) for v in padded_lo), mask, voxel_nm)
+    return list(inscribed_ball(0, tuple(int(v) for v in padded_lo), mask, voxel_nm)[1:])
 
 
 def stored_candidates(attrs: dict) -> list[tuple] | None:

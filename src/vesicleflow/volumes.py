@@ -88,10 +88,9 @@ def read_box(array, box: tuple[slice, ...], out: np.ndarray | None = None) -> np
     ``out``: an array of the array's dtype, at least the box's size, that a caller reading box after
     box reuses (a new array's pages, for a large box, cost more to fault in than the read itself);
     the result is then a view of its first elements."""
-    box = (*box, *[slice(None)] * (array.ndim - len(box)))
     chunked = _chunk_files_box(array, box)
     if chunked is None:
-        data = np.asarray(array[box])
+        data = np.asarray(array[tuple(box)])
         if out is None:
             return data
         target = _view_of(out, data.shape, data.dtype)
