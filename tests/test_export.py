@@ -367,3 +367,21 @@ def test_no_vesicles_gives_empty_but_valid_outputs(simulated, tmp_path):
         with mrcfile.open(out / name) as mrc:
             assert mrc.data.max() == 0
     assert (out / "preview.png").stat().st_size > 1000
+
+
+def test_preview_png_has_the_pixels_of_matplotlibs_default_png(tmp_path, monkeypatch):
+    """The preview is written with zlib level 1 (faster): its pixels are those of a default PNG."""
+    from PIL import Image
+
+    from vesicleflow import plots
+
+    volume = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+    table = synthetic_table()
+    plots.plot_preview(tmp_path / "fast.png", volume, table, VOXEL_NM, "ds/t")
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.plot_preview(tmp_path / "unused.png", volume, table, VOXEL_NM, "ds/t")
+    figures[0].savefig(tmp_path / "default.png", format="png", bbox_inches="tight")
+    fast, default = (np.asarray(Image.open(tmp_path / name)) for name in ("fast.png", "default.png"))
+    assert fast.shape == default.shape and fast.shape[0] > 200
+    assert np.array_equal(fast, default)
