@@ -18,10 +18,10 @@ per-window reference: weights equal, probabilities within 1e-4, vesicle tables e
 - the input is read as z slabs of whole window height, each read (and decompressed) once, not
   window by window (a 64³ window not aligned to the 64³ zarr chunks touches up to 8 chunks), the
   next slab on a thread while the network runs.
-- ``sum(w*p)`` and ``sum(w)`` are accumulated with torch, on the GPU when they fit there (the GPU
-  no longer waits for the CPU to add each window), on the CPU with the job's threads, for a few
-  chunk rows of planes at a time (:class:`_Accumulator`): each chunk row is divided and written as
-  soon as no later window reaches it.
+- ``sum(w*p)`` is accumulated with torch, on the GPU when it fits there (the GPU no longer waits
+  for the CPU to add each window), on the CPU with the job's threads, for a few chunk rows of
+  planes at a time (:class:`_Accumulator`): each chunk row is divided by its ``sum(w)`` and written
+  as soon as no later window reaches it.
 - the input slabs and the accumulators reuse their memory from slab to slab and row to row.
 - the ``infer`` command keeps freed memory for reuse (:mod:`vesicleflow.allocator`): each batch's
   activations reuse the last batch's pages instead of being faulted in and zeroed again.
@@ -358,32 +358,37 @@ def _predict_with_backoff(net, batch, device, tta, channels_last=False) -> torch
                           _predict_with_backoff(net, batch[half:], device, tta, channels_last)])
 
 
-def _accumulator_device(device: torch.device, box_shape) -> torch.device:
-    """The inference device if both accumulators fit comfortably in its free memory, else the CPU."""
+def _accumulator_device(device: torch.device, planes: int, plane_shape) -> torch.device:
+    """The inference device if ``planes`` float32 planes (the accumulator's) fit comfortably in its
+    free memory, else the CPU."""
     if device.type != "cuda":
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
-    need = 2 * 4 * int(np.prod(box_shape))
+    need = 4 * planes * int(np.prod(plane_shape))
     return device if need <= DEVICE_ACCUMULATOR_SHARE * free else torch.device("cpu")
 
 
 def accumulator_planes(window: int, box_depth: int, chunk: int = DEFAULT_CHUNKS[0]) -> int:
-    """z planes the accumulators hold: whole chunk rows enough for the planes still open (from the
+    """z planes of the sum(w*p) ring: whole chunk rows enough for the planes still open (from the
     chunk row of the current window's first plane to its last, at most ``chunk - 1 + window``)."""
     rows = -(-(chunk - 1 + window) // chunk)
     return min(rows, -(-box_depth // chunk)) * chunk
 
 
 class _Accumulator:
-    """sum(w*p) and sum(w) over a shard's box, torch tensors on ``device`` (on the CPU torch's
-    elementwise kernels use the job's threads; numpy, on one core, took twice as long per window).
+    """sum(w*p) over a shard's box, a torch tensor on ``device`` (on the CPU torch's elementwise
+    kernels use the job's threads; numpy, on one core, took twice as long per window), and sum(w).
 
-    Windows arrive in z order, so a plane below the current window's first is final. The sums are
+    Windows arrive in z order, so a plane below the current window's first is final. sum(w*p) is
     kept for :func:`accumulator_planes` planes only, as a ring (box plane z at slot z mod depth),
     and each chunk row of planes is handed out (:meth:`finished_rows`) once it is final, then its
-    slots are zeroed for the planes to come: for the largest benchmark tomogram 0.6 GB instead of
-    1.06 GB for whole-box sums, taken once (new memory was the dearest part of starting infer), and
-    the shard is written during inference, not after it.
+    slots are zeroed for the planes to come. sum(w) depends on where the windows lie alone, so it
+    is not kept as a second ring: each row's is summed when the row is handed out, from the windows
+    that reach it, in the order they came (the same float32 additions in the same order as a
+    running sum). For the largest benchmark tomogram that is 0.45 GB taken once (a 302 MB ring and
+    a 151 MB row) instead of 0.6 GB (two rings) or 1.06 GB (whole-box sums); new memory is the
+    dearest part of starting infer on a host that must supply it. The shard is written during
+    inference, not after it.
     """
 
     def __init__(self, box_shape, window: int, weights: np.ndarray, device: torch.device,
@@ -391,11 +396,18 @@ class _Accumulator:
         self.box_shape, self.chunk = tuple(box_shape), chunk
         self.depth = accumulator_planes(window, box_shape[0], chunk)
         self.weighted = torch.zeros((self.depth, *box_shape[1:]), dtype=torch.float32, device=device)
-        self.weight_sum = torch.zeros_like(self.weighted)
+        self.row_weight = torch.empty((min(chunk, box_shape[0]), *box_shape[1:]), dtype=torch.float32,
+                                      device=device)
         self.weights = torch.from_numpy(weights).to(device)
         self.product = torch.empty_like(self.weights)
         self.device = device
+        self.placed: list[tuple] = []  # (local, crop) of the windows added that reach planes not handed out
         self.handed_out = 0  # box planes below this were handed out
+
+    @staticmethod
+    def planes(window: int, box_shape, chunk: int = DEFAULT_CHUNKS[0]) -> int:
+        """The float32 planes of the box's y/x size that an accumulator holds: its ring and a row."""
+        return accumulator_planes(window, box_shape[0], chunk) + min(chunk, box_shape[0])
 
     def add(self, local, crop, probability: torch.Tensor) -> None:
         """Add a window's ``probability[crop]`` at the box region ``local`` (its planes not handed out)."""
@@ -409,26 +421,37 @@ class _Accumulator:
         for (a, b), (pa, pb) in (((slot, slot + split), (0, split)), ((0, z1 - z0 - split), (split, z1 - z0))):
             if b > a:
                 self.weighted[(slice(a, b), *local[1:])].add_(product[pa:pb])
-                self.weight_sum[(slice(a, b), *local[1:])].add_(w[pa:pb])
+        self.placed.append((local, crop))
+
+    def _weight_of_planes(self, z0: int, z1: int) -> torch.Tensor:
+        """sum(w) over box planes [z0, z1), in the row buffer: the windows' weights in the order added."""
+        weight = self.row_weight[:z1 - z0]
+        weight.zero_()
+        for local, crop in self.placed:
+            a, b = max(local[0].start, z0), min(local[0].stop, z1)
+            if a < b:
+                planes = slice(a - local[0].start, b - local[0].start)
+                weight[(slice(a - z0, b - z0), *local[1:])].add_(self.weights[crop][planes])
+        return weight
 
     def finished_rows(self, below: int):
         """Yield ``(z, probability, weight)`` for each chunk row of planes that ends at or below box
         plane ``below`` (or at the box's end) and was not yet handed out: sum(w*p) / sum(w) (0 where
         no window of the shard reaches) and sum(w), numpy arrays valid until the next row is asked
-        for; their slots are then zeroed."""
+        for; its slots are then zeroed."""
         while self.handed_out < self.box_shape[0]:
             z0 = self.handed_out
             z1 = min(z0 + self.chunk, self.box_shape[0])
             if z1 > below:
                 return
-            slots = slice(z0 % self.depth, z0 % self.depth + z1 - z0)
-            weighted, weight = self.weighted[slots], self.weight_sum[slots]
+            weighted = self.weighted[z0 % self.depth: z0 % self.depth + z1 - z0]
+            weight = self._weight_of_planes(z0, z1)
             torch.div(weighted, weight, out=weighted)
             weighted.nan_to_num_(nan=0.0)  # 0 / 0: voxels of the box that none of its windows reach
             yield z0, weighted.cpu().numpy(), weight.cpu().numpy()
             weighted.zero_()
-            weight.zero_()
             self.handed_out = z1
+            self.placed = [(local, crop) for local, crop in self.placed if local[0].stop > z1]
 
 
 class _ShardWriter:
@@ -486,7 +509,7 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         net, _ = load_model(model, dev)
         net, form = inference_network(net, dev)
         box_shape = [b - a for a, b in zip(start, stop)]
-        acc_device = _accumulator_device(dev, [accumulator_planes(window, box_shape[0]), *box_shape[1:]])
+        acc_device = _accumulator_device(dev, _Accumulator.planes(window, box_shape), box_shape[1:])
         acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device)
         log.info("shard %d: %d windows of %d³ on %s (network %s, batch %d, tta %s, accumulating on %s)", shard,
                  len(origins), window, dev, form, batch_size, tta, acc.device)
