@@ -317,6 +317,15 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
     assert (tmp_path / "data" / "tomo_24x64x64_15A.mrc").stat().st_mtime_ns == before
 
 
+def test_bench_measures_in_the_precision_asked_for(tmp_path):
+    """The ceiling and the infer stage use the dtype the network will compute in."""
+    commands = dict(bench.stage_commands(tmp_path / "t.mrc", tmp_path, 2, None, 0.25, "cpu", "bfloat16"))
+    assert commands["infer"][commands["infer"].index("--precision") + 1] == "bfloat16"
+    for precision, dtype in (("auto", "float32"), ("bfloat16", "bfloat16")):
+        ceiling = bench.conv3d_ceiling("cpu", 2, repeats=1, channels=8, side=16, batch=1, precision=precision)
+        assert ceiling["conv"].endswith(dtype) and ceiling["flops_per_s"] > 0
+
+
 def test_targets_and_scaling_from_a_report():
     def row(voxels, seconds, rss_over_float32):
         rss = rss_over_float32 * 4 * voxels / 2**20

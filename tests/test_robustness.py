@@ -269,6 +269,7 @@ CONFIG_CASES = {  # edit: the key the message must name
     "out of range": (lambda c: c["postprocess"].update(threshold=1.5), "threshold"),
     "negative voxel size": (lambda c: c.update(datasets={"a": {"voxel_size_angstrom": -3}}), "voxel_size_angstrom"),
     "bad device": (lambda c: c["inference"].update(device="gpu"), "device"),
+    "bad precision": (lambda c: c["inference"].update(precision="half"), "half"),
 }
 
 
@@ -284,6 +285,15 @@ def test_config_schema_names_the_bad_key(case):
     validate(copy.deepcopy(config), str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     with pytest.raises(WorkflowError, match=re.escape(key)):
         validate(bad, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def test_a_config_from_before_precision_existed_gets_the_default():
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert config["inference"].pop("precision") == "auto"
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["inference"]["precision"] == "auto"
 
 
 # --------------------------------------------------------------------------- workflow: discovery

@@ -92,6 +92,16 @@ def test_changing_a_postprocess_parameter_reruns_only_downstream_stages(complete
     assert jobs == {"postprocess": n, "spherefit": n, "export": n, "aggregate": 1}, jobs
 
 
+def test_changing_the_precision_reruns_inference_but_not_normalization(completed_run):
+    root, config = completed_run
+    result = run_snakemake("--profile", "profiles/local", "--dry-run", "--config", *config,
+                           "inference={precision: bfloat16}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    n = len(TOMOGRAMS)
+    assert jobs == {"infer": n, "stitch": n, "postprocess": n, "spherefit": n, "export": n, "aggregate": 1}, jobs
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("postprocess: {treshold: 0.6}", "('treshold' was unexpected)"),
     ("inference: {shards: two}", "'two' is not of type 'integer'"),

@@ -198,26 +198,36 @@ def count_flops_per_voxel(net, window: int, device="cpu") -> float:
 
 def conv3d_ceiling(device: str = "cpu", threads: int | None = None, repeats: int = 3,
                    channels: int = CEILING_CONV["channels"], side: int = CEILING_CONV["side"],
-                   batch: int = CEILING_CONV["batch"]) -> dict:
+                   batch: int = CEILING_CONV["batch"], precision: str = "auto") -> dict:
     """Throughput of one large 3x3x3 conv3d: the best of the default and channels-last-3d layouts,
-    best of ``repeats`` after a warm-up; fp16 autocast on CUDA (as inference uses).
+    best of ``repeats`` after a warm-up; in the dtype inference computes in for ``precision``
+    (:func:`vesicleflow.infer.compute_dtype`: by autocast on CUDA, as the convolution's own on the CPU).
 
     ``flops_per_s`` is per second of wall time; ``flops_per_cpu_s`` per second of CPU time (all
     threads), which a busy machine disturbs less."""
+    import contextlib
+
     import torch
+
+    from vesicleflow.infer import compute_dtype, dtype_name
 
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dev).eval()
-    x = torch.randn(batch, channels, side, side, side, device=dev)
+    dtype = compute_dtype(precision, dev)
+    on_cuda = dev.type == "cuda"
+    own = torch.float32 if on_cuda else dtype
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dev, own).eval()
+    x = torch.randn(batch, channels, side, side, side, device=dev).to(own)
+    autocast = (torch.autocast("cuda", dtype=dtype) if on_cuda and dtype != torch.float32
+                else contextlib.nullcontext())
     flops = 2.0 * 27 * channels * channels * batch * side**3
     best, best_cpu = {}, {}
     for layout in ("contiguous", "channels_last_3d"):
         fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
         c, xi = conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
         walls, cpus = [], []
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+        with torch.inference_mode(), autocast:
             for _ in range(repeats + 1):
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
@@ -232,7 +242,8 @@ def conv3d_ceiling(device: str = "cpu", threads: int | None = None, repeats: int
     layout = max(best, key=best.get)
     return {"flops_per_s": best[layout], "flops_per_cpu_s": best_cpu[layout], "layout": layout,
             "by_layout": best, "conv": f"{channels}->{channels} ch, 3x3x3, {batch} x {side}^3, "
-                                       + ("fp16 autocast" if dev.type == "cuda" else "float32")}
+                                       + dtype_name(dtype)
+                                       + (" autocast" if on_cuda and dtype != torch.float32 else "")}
 
 
 def executed_flops_per_voxel(net, window: int) -> float:
@@ -320,7 +331,7 @@ def benchmark_tomograms(data_dir: Path, shapes, voxel_size_angstrom: float, base
 
 
 def stage_commands(tomogram: Path, work: Path, threads: int, batch_size: int | None, overlap: float,
-                   device: str) -> list[tuple[str, list[str]]]:
+                   device: str, precision: str = "auto") -> list[tuple[str, list[str]]]:
     """The commands of one tomogram's pipeline, as the Snakemake rules run them (default settings)."""
     w = {name: str(work / name) for name in ("normalized.zarr", "tiles.json", "shard_0.zarr",
                                               "probability.zarr", "labels.zarr", "spheres.csv", "export")}
@@ -329,7 +340,7 @@ def stage_commands(tomogram: Path, work: Path, threads: int, batch_size: int | N
         ("tile", ["tile", w["normalized.zarr"], w["tiles.json"], "--overlap", str(overlap), "--shards", "1"]),
         ("infer", ["infer", w["normalized.zarr"], w["tiles.json"], w["shard_0.zarr"], "--shard", "0",
                    *(["--batch-size", str(batch_size)] if batch_size else []), "--no-tta", "--device", device,
-                   "--threads", str(threads)]),
+                   "--precision", precision, "--threads", str(threads)]),
         ("stitch", ["stitch", w["probability.zarr"], "--normalized", w["normalized.zarr"], w["shard_0.zarr"],
                     "--threads", str(threads)]),
         ("postprocess", ["postprocess", w["probability.zarr"], w["labels.zarr"], "--threshold", "0.5",
@@ -353,7 +364,7 @@ def _infer_stats(log_path: Path) -> dict:
 
 
 def run_pipeline(tomogram: Path, work: Path, threads: int = 2, batch_size: int | None = None, overlap: float = 0.25,
-                 device: str = "auto") -> list[StageRun]:
+                 device: str = "auto", precision: str = "auto") -> list[StageRun]:
     """Run every stage on ``tomogram`` in a fresh ``work`` folder; stop at the first failure.
 
     Files are kept or deleted as the workflow keeps them: the inference shard, a temporary output,
@@ -363,7 +374,7 @@ def run_pipeline(tomogram: Path, work: Path, threads: int = 2, batch_size: int |
     work.mkdir(parents=True)
     env = dict(os.environ)
     runs = []
-    for stage, args in stage_commands(tomogram, work, threads, batch_size, overlap, device):
+    for stage, args in stage_commands(tomogram, work, threads, batch_size, overlap, device, precision):
         log.info("%s: %s", tomogram.name, stage)
         run = run_measured(vesicleflow_command() + args, work / "logs" / f"{stage}.log", env, stage)
         if stage == "infer":
@@ -497,10 +508,10 @@ def summarize_tomogram(shape, model_shape, plan: dict, runs: list[StageRun], flo
 def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: float = DEFAULT_VOXEL_SIZE_ANGSTROM,
                   threads: int = 2, batch_size: int | None = None, overlap: float = 0.25, device: str = "auto",
                   dryrun_tomograms: int = 1000, keep: bool = False, base_shape=BASE_SHAPE,
-                  ceiling_side: int = CEILING_CONV["side"], probe_bytes: int = 2**30) -> dict:
+                  ceiling_side: int = CEILING_CONV["side"], probe_bytes: int = 2**30, precision: str = "auto") -> dict:
     """Generate (or reuse) the tomograms, run every stage on each, and write ``<out>/bench.json``
     and ``<out>/bench.txt`` (the table). Returns the report."""
-    from vesicleflow.infer import default_batch_size
+    from vesicleflow.infer import compute_dtype, default_batch_size, dtype_name
     from vesicleflow.io import atomic_output, read_json, write_json
     from vesicleflow.model import load_model, pick_device
 
@@ -510,10 +521,12 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
     torch_device = pick_device(device)
     dev = str(torch_device)
     batch_size = batch_size or default_batch_size(torch_device)
+    compute = dtype_name(compute_dtype(precision, torch_device))
     began = time.perf_counter()
     report = {"machine": _machine(dev), "settings": {
         "voxel_size_angstrom": voxel_size_angstrom, "threads": threads, "batch_size": batch_size,
-        "overlap": overlap, "device": dev, "base_tomogram": list(base_shape),
+        "overlap": overlap, "device": dev, "precision": precision, "compute_dtype": compute,
+        "base_tomogram": list(base_shape),
         "tomograms": "simulated base tomogram mirror-tiled to each shape"}}
     tomograms = benchmark_tomograms(out / "data", shapes, voxel_size_angstrom, base_shape)
 
@@ -521,13 +534,13 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
     flops_per_voxel = count_flops_per_voxel(net, info.window)
     executed = executed_flops_per_voxel(net, info.window)
     del net
-    ceilings = [conv3d_ceiling(dev, threads, side=ceiling_side)]
+    ceilings = [conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision)]
     report["model"] = {"name": info.name, "voxel_size_angstrom": info.voxel_size_angstrom, "window": info.window,
                        "flops_per_voxel": flops_per_voxel, "executed_flops_per_voxel": executed}
     report["tomograms"] = []
     for tomogram in tomograms:
         work = out / "runs" / tomogram.stem
-        runs = run_pipeline(tomogram, work, threads, batch_size, overlap, dev)
+        runs = run_pipeline(tomogram, work, threads, batch_size, overlap, dev, precision)
         plan = read_json(work / "tiles.json")
         report["tomograms"].append({"tomogram": str(tomogram), "plan": plan, "runs": runs})
         log.info("%s: %.1f s in all", tomogram.name, sum(r.wall_s for r in runs))
@@ -535,7 +548,7 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
             shutil.rmtree(work)
     report["machine"]["new_file_write"] = new_file_write_cost(out, probe_bytes)
     # the ceiling is the machine's best: measured before and after the runs (a busy machine lowers it)
-    ceilings.append(conv3d_ceiling(dev, threads, side=ceiling_side))
+    ceilings.append(conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision))
     ceiling = max(ceilings, key=lambda c: c["flops_per_s"])
     ceiling["flops_per_cpu_s"] = max(c["flops_per_cpu_s"] for c in ceilings)
     report["conv3d_ceiling"] = {**ceiling, "flops_per_s": round(ceiling["flops_per_s"]),
@@ -628,7 +641,9 @@ def format_report(report: dict) -> str:
              f"input voxel size {report['settings']['voxel_size_angstrom']:g} Å -> model grid "
              f"{report['model']['voxel_size_angstrom']:g} Å; window {report['model']['window']}, overlap "
              f"{report['settings']['overlap']}, batch {report['settings']['batch_size']}, "
-             f"threads {report['settings']['threads']}",
+             f"threads {report['settings']['threads']}, network in {report['settings']['compute_dtype']} "
+             f"(precision {report['settings']['precision']}"
+             + ("; the targets are for the default, auto)" if report['settings']['precision'] != "auto" else ")"),
              f"model: {report['model']['flops_per_voxel']:,.0f} FLOPs per voxel (counted; the inference rewrite "
              f"executes {report['model']['executed_flops_per_voxel']:,.0f}); conv3d ceiling "
              f"{report['conv3d_ceiling']['flops_per_s'] / 1e9:.1f} GFLOP/s ({report['conv3d_ceiling']['conv']}, "

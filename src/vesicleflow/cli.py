@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Model = Annotated[str | None, typer.Option(help="Model folder; default: the bundled model.")]
 VoxelSize = Annotated[float | None, typer.Option("--voxel-size-angstrom",
                                                     help="Override the MRC header's voxel size (Å).")]
+
+
+class PrecisionChoice(StrEnum):
+    """vesicleflow.infer.PRECISIONS, spelled out here so that the CLI starts without importing torch."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+Precision = Annotated[PrecisionChoice, typer.Option(
+    help="What the network computes in: auto = float16 on CUDA, float32 on the CPU; bfloat16 is 2-3x "
+         "faster on CPUs with AMX or AVX512-BF16 (results to bfloat16 rounding); float16: CUDA only.")]
 
 
 @app.callback()
@@ -75,13 +90,14 @@ def infer(normalized: Path, plan: Path, output: Path, shard: int = 0, model: Mod
           batch_size: Annotated[int | None, typer.Option(
               help="Windows per forward pass; default: 4 on the CPU, 16 on CUDA.")] = None,
           tta: bool = False, device: str = "auto",
-          threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None) -> None:
+          threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+          precision: Precision = PrecisionChoice.auto) -> None:
     """Run the U-Net over one shard's windows."""
     from vesicleflow.allocator import keep_freed_memory
     from vesicleflow.infer import infer_shard
 
     keep_freed_memory()
-    infer_shard(normalized, plan, shard, output, model, batch_size, tta, device, threads)
+    infer_shard(normalized, plan, shard, output, model, batch_size, tta, device, threads, precision.value)
 
 
 @app.command()
@@ -266,7 +282,7 @@ def bench(out: Annotated[Path, typer.Option(
           threads: Annotated[int, typer.Option(help="CPU threads of the infer stage (the rule's).")] = 2,
           batch_size: Annotated[int | None, typer.Option(
               help="Windows per forward pass; default: 4 on the CPU, 16 on CUDA.")] = None,
-          overlap: float = 0.25, device: str = "auto",
+          overlap: float = 0.25, device: str = "auto", precision: Precision = PrecisionChoice.auto,
           dryrun_tomograms: Annotated[int, typer.Option(
               help="Time `snakemake -n` over this many tiny tomograms; 0 = skip.")] = 1000,
           keep: Annotated[bool, typer.Option(help="Keep the stages' outputs under OUT/runs (as the workflow "
@@ -278,7 +294,7 @@ def bench(out: Annotated[Path, typer.Option(
     keep_freed_memory()  # as in the infer stage, so the conv3d ceiling is measured the same way
     shapes = [parse_shape(s) for s in shape] if shape else DEFAULT_SHAPES
     report = run_benchmark(out, shapes, voxel_size_angstrom, threads, batch_size, overlap, device,
-                           dryrun_tomograms, keep)
+                           dryrun_tomograms, keep, precision=precision.value)
     typer.echo(format_report(report) + f"written: {out / 'bench.json'}, {out / 'bench.txt'}")
 
 

@@ -1,8 +1,10 @@
 """infer: run the U-Net over one shard's windows; write the shard's probability sum(w*p)/sum(w) and its
 weight sum(w) over the shard's box (a plan's only shard, which covers the volume: no weight).
 
-Windows are batched; on CUDA the forward pass runs in mixed precision; on a GPU out-of-memory
-error the batch is halved and retried. Optional flip test-time augmentation averages the
+Windows are batched; on CUDA the forward pass runs in mixed precision (float16 autocast by
+default); on the CPU in float32 by default, or in bfloat16 when asked (``precision``: 2-3x faster
+where the CPU has AMX or AVX512-BF16, results to bfloat16 rounding); on a GPU out-of-memory error
+the batch is halved and retried. Optional flip test-time augmentation averages the
 predictions of the window mirrored along x and y.
 
 Speed (README, "Performance"; tests/test_bench.py checks every change against the plain
@@ -46,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vesicleflow.io import atomic_output, read_json
+from vesicleflow.io import InputError, atomic_output, read_json
 from vesicleflow.model import load_model, pick_device
 from vesicleflow.tiling import gaussian_importance, shard_box
 from vesicleflow.volumes import DEFAULT_CHUNKS, create_volume, open_volume, read_box, write_block
@@ -61,12 +63,34 @@ CPU_BATCH_SIZE, CUDA_BATCH_SIZE = 4, 16
 DEVICE_ACCUMULATOR_SHARE = 0.25
 #: Prefix of the log line with the shard's timing (JSON), read by ``vesicleflow bench``.
 STATS_PREFIX = "infer stats "
+#: What the network computes in. ``auto``: float16 autocast on CUDA, float32 on the CPU (the
+#: network's own arithmetic to float32 rounding). ``bfloat16``: on the CPU weights and activations
+#: are bfloat16 (oneDNN accumulates in float32), on CUDA bfloat16 autocast. ``float16``: CUDA only.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 def default_batch_size(device: torch.device) -> int:
     """Windows per forward pass when none is asked for: :data:`CUDA_BATCH_SIZE` on CUDA, else
     :data:`CPU_BATCH_SIZE`."""
     return CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the network computes in for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision == "float16" and device.type != "cuda":
+        raise InputError("precision float16 needs a CUDA device; on the CPU use bfloat16 or float32")
+    return getattr(torch, precision)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16); without it oneDNN
+    emulates bfloat16 and the network may run slower than in float32."""
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def prepare_for_inference(net: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -194,6 +218,11 @@ class FastUNet(nn.Module):
         return self.head(x)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (logs and the bench's report)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _fused_ops_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
@@ -211,31 +240,41 @@ def _exact_cuda_convolutions():
         torch.backends.cudnn.allow_tf32 = allowed
 
 
-def inference_network(net: nn.Module, device: torch.device) -> tuple[nn.Module, str]:
+def inference_network(net: nn.Module, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str]:
     """The fastest exact-to-rounding form of ``net`` for ``device``, and its name.
 
     The rewrite is checked once on a small random input against the plain network; any failure
     or difference above 1e-3 in the logits falls back to the next simpler form (fused CPU ops ->
-    plain-op rewrite -> BatchNorm folding only)."""
+    plain-op rewrite -> BatchNorm folding only). On the CPU a ``dtype`` other than float32 then
+    becomes the network's own (weights and activations; the form must run in it, else the next is
+    tried); on CUDA :func:`predict_batch` applies it by autocast."""
     net = net.eval()
     candidates = []
     if device.type == "cpu" and _fused_ops_available():
         candidates.append(("fast-fused", lambda: FastUNet(net, fused=True)))
     candidates.append(("fast", lambda: FastUNet(net, fused=False)))
+    cast = dtype if device.type == "cpu" and dtype != torch.float32 else None
     side = 2 * net.arch.divisor
     probe = torch.randn(1, net.arch.in_channels, side, side, side, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device).contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode(), _exact_cuda_convolutions():
-        expected = net(probe.to(device)).float()
+        expected = net(probe).float()
         for name, build in candidates:
             try:
                 candidate = build().to(device)
-                got = candidate(probe.to(device).contiguous(memory_format=torch.channels_last_3d)).float()
-                if float((got - expected).abs().max()) <= 1e-3:
-                    return candidate, name
-                log.warning("inference rewrite %s differs from the network; not used", name)
+                got = candidate(probe).float()
+                if float((got - expected).abs().max()) > 1e-3:
+                    log.warning("inference rewrite %s differs from the network; not used", name)
+                    continue
+                if cast is not None:
+                    candidate = candidate.to(cast)
+                    candidate(probe.to(cast))
+                return candidate, name
             except (RuntimeError, ValueError, AttributeError, TypeError, NotImplementedError) as err:
                 log.info("inference rewrite %s unavailable (%s)", name, str(err).splitlines()[0] if str(err) else err)
-    return prepare_for_inference(net).to(device), "folded"
+    folded = prepare_for_inference(net).to(device)
+    return (folded if cast is None else folded.to(cast)), "folded"
 
 
 def _pad_window(data: np.ndarray, window: int) -> np.ndarray:
@@ -327,16 +366,21 @@ class _SlabReader:
 
 @torch.inference_mode()
 def predict_batch(net, batch: np.ndarray | torch.Tensor, device: torch.device, tta: bool,
-                  channels_last: bool = False) -> torch.Tensor:
-    """Sigmoid probabilities (float32 tensor on ``device``) for a batch of windows (N, D, H, W)."""
+                  channels_last: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sigmoid probabilities (float32 tensor on ``device``) for a batch of windows (N, D, H, W), the
+    network computing in ``dtype`` (on the CPU the network's own, see :func:`inference_network`;
+    on CUDA by autocast)."""
+    on_cuda = device.type == "cuda"
     x = torch.as_tensor(batch)[:, None].to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x = x.to(dtype=torch.float32 if on_cuda else dtype,
+             memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
+    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if on_cuda and dtype != torch.float32
+                else contextlib.nullcontext())
     flips = FLIPS_XY if tta else [()]
     total = None
     for dims in flips:
         xin = torch.flip(x, dims) if dims else x
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with autocast:
             logits = net(xin)
         prob = torch.sigmoid(logits.float())
         prob = torch.flip(prob, dims) if dims else prob
@@ -344,18 +388,18 @@ def predict_batch(net, batch: np.ndarray | torch.Tensor, device: torch.device, t
     return (total / len(flips))[:, 0].contiguous()
 
 
-def _predict_with_backoff(net, batch, device, tta, channels_last=False) -> torch.Tensor:
+def _predict_with_backoff(net, batch, device, tta, channels_last=False, dtype=torch.float32) -> torch.Tensor:
     """Predict, halving the batch on CUDA out-of-memory until a single window fails."""
     try:
-        return predict_batch(net, batch, device, tta, channels_last)
+        return predict_batch(net, batch, device, tta, channels_last, dtype)
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(batch) // 2
         log.warning("GPU out of memory with a batch of %d windows; retrying with %d", len(batch), half)
-        return torch.cat([_predict_with_backoff(net, batch[:half], device, tta, channels_last),
-                          _predict_with_backoff(net, batch[half:], device, tta, channels_last)])
+        return torch.cat([_predict_with_backoff(net, batch[:half], device, tta, channels_last, dtype),
+                          _predict_with_backoff(net, batch[half:], device, tta, channels_last, dtype)])
 
 
 def _accumulator_device(device: torch.device, planes: int, plane_shape) -> torch.device:
@@ -487,9 +531,9 @@ class _ShardWriter:
 
 def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, output: str | Path,
                 model: str | Path | None = None, batch_size: int | None = None, tta: bool = False,
-                device: str = "auto", threads: int | None = None) -> Path:
+                device: str = "auto", threads: int | None = None, precision: str = "auto") -> Path:
     """Predict every window of ``shard`` and write its probability (and, when the plan has other
-    shards, its weight) as a zarr."""
+    shards, its weight) as a zarr; the network computes in ``precision`` (:data:`PRECISIONS`)."""
     started = time.perf_counter()
     plan = read_json(plan_path)
     if not 0 <= shard < len(plan["shards"]):
@@ -498,6 +542,9 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = pick_device(device)
+    dtype = compute_dtype(precision, dev)
+    if dev.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bfloat16():
+        log.warning("this CPU has no AMX or AVX512-BF16: bfloat16 is emulated and may be slower than float32")
     batch_size = batch_size or default_batch_size(dev)
     volume = open_volume(normalized)
     window = plan["window"]
@@ -507,12 +554,12 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         # the reader starts on the first slab at once: it is read while the network loads
         reader = stack.enter_context(_SlabReader(volume, window, start, stop, origins))
         net, _ = load_model(model, dev)
-        net, form = inference_network(net, dev)
+        net, form = inference_network(net, dev, dtype)
         box_shape = [b - a for a, b in zip(start, stop)]
         acc_device = _accumulator_device(dev, _Accumulator.planes(window, box_shape), box_shape[1:])
         acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device)
-        log.info("shard %d: %d windows of %d³ on %s (network %s, batch %d, tta %s, accumulating on %s)", shard,
-                 len(origins), window, dev, form, batch_size, tta, acc.device)
+        log.info("shard %d: %d windows of %d³ on %s (network %s in %s, batch %d, tta %s, accumulating on %s)",
+                 shard, len(origins), window, dev, form, dtype_name(dtype), batch_size, tta, acc.device)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard,
@@ -527,7 +574,7 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
             t0 = time.perf_counter()
             batch = reader.batch(chunk)
             t1 = time.perf_counter()
-            probabilities = _predict_with_backoff(net, batch, dev, tta, channels_last=True).to(acc.device)
+            probabilities = _predict_with_backoff(net, batch, dev, tta, True, dtype).to(acc.device)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t2 = time.perf_counter()
@@ -546,7 +593,8 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         for row in acc.finished_rows(box_shape[0]):
             writer.write(*row)
     stats = {"windows": len(origins), "window": window, "batch_size": batch_size, "device": str(dev),
-             "network": form, "box_voxels": int(np.prod(box_shape)), "setup_s": round(setup_s, 3),
+             "network": form, "precision": dtype_name(dtype), "box_voxels": int(np.prod(box_shape)),
+             "setup_s": round(setup_s, 3),
              "read_s": round(read_s, 3), "forward_s": round(forward_s, 3), "accumulate_s": round(accumulate_s, 3),
              "write_s": round(writer.seconds, 3), "total_s": round(time.perf_counter() - started, 3)}
     if dev.type == "cuda":

@@ -43,6 +43,7 @@ rule infer:
         ),
         tta="--tta" if config["inference"]["tta"] else "--no-tta",
         device=config["inference"]["device"],
+        precision=config["inference"]["precision"],
     threads: 2
     log:
         f"{OUT}/logs/infer/{{dataset}}/{{tomo}}/shard_{{shard}}.log",
@@ -56,7 +57,7 @@ rule infer:
     shell:
         "vesicleflow infer {input.normalized:q} {input.plan:q} {output:q} --shard {wildcards.shard} "
         "--model {params.model:q} {params.batch_size} {params.tta} "
-        "--device {params.device} --threads {threads} 2> {log:q}"
+        "--device {params.device} --precision {params.precision} --threads {threads} 2> {log:q}"
 
 
 rule stitch:
