@@ -205,29 +205,24 @@ def conv3d_ceiling(device: str = "cpu", threads: int | None = None, repeats: int
 
     ``flops_per_s`` is per second of wall time; ``flops_per_cpu_s`` per second of CPU time (all
     threads), which a busy machine disturbs less."""
-    import contextlib
-
     import torch
 
-    from vesicleflow.infer import compute_dtype, dtype_name
+    from vesicleflow.infer import autocast_to, compute_dtype, dtype_name, stored_dtype
 
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     dtype = compute_dtype(precision, dev)
-    on_cuda = dev.type == "cuda"
-    own = torch.float32 if on_cuda else dtype
-    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dev, own).eval()
-    x = torch.randn(batch, channels, side, side, side, device=dev).to(own)
-    autocast = (torch.autocast("cuda", dtype=dtype) if on_cuda and dtype != torch.float32
-                else contextlib.nullcontext())
+    stored = stored_dtype(dev, dtype)
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).to(dev, stored).eval()
+    x = torch.randn(batch, channels, side, side, side, device=dev).to(stored)
     flops = 2.0 * 27 * channels * channels * batch * side**3
     best, best_cpu = {}, {}
     for layout in ("contiguous", "channels_last_3d"):
         fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
         c, xi = conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
         walls, cpus = [], []
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast_to(dev, dtype):
             for _ in range(repeats + 1):
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
@@ -243,7 +238,7 @@ def conv3d_ceiling(device: str = "cpu", threads: int | None = None, repeats: int
     return {"flops_per_s": best[layout], "flops_per_cpu_s": best_cpu[layout], "layout": layout,
             "by_layout": best, "conv": f"{channels}->{channels} ch, 3x3x3, {batch} x {side}^3, "
                                        + dtype_name(dtype)
-                                       + (" autocast" if on_cuda and dtype != torch.float32 else "")}
+                                       + (" autocast" if stored != dtype else "")}
 
 
 def executed_flops_per_voxel(net, window: int) -> float:

@@ -218,6 +218,19 @@ class FastUNet(nn.Module):
         return self.head(x)
 
 
+def stored_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the network's weights and inputs when it computes in ``dtype``: ``dtype`` itself
+    on the CPU; float32 on CUDA, where :func:`autocast_to` casts per operation."""
+    return torch.float32 if device.type == "cuda" else dtype
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` where the network is stored in float32 for it (CUDA); else nothing."""
+    if stored_dtype(device, dtype) != dtype:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (logs and the bench's report)."""
     return str(dtype).removeprefix("torch.")
@@ -246,15 +259,15 @@ def inference_network(net: nn.Module, device: torch.device,
 
     The rewrite is checked once on a small random input against the plain network; any failure
     or difference above 1e-3 in the logits falls back to the next simpler form (fused CPU ops ->
-    plain-op rewrite -> BatchNorm folding only). On the CPU a ``dtype`` other than float32 then
-    becomes the network's own (weights and activations; the form must run in it, else the next is
-    tried); on CUDA :func:`predict_batch` applies it by autocast."""
+    plain-op rewrite -> BatchNorm folding only). The form is then stored in
+    :func:`stored_dtype` (on the CPU ``dtype`` itself: it must run in it, else the next is tried;
+    on CUDA float32, and :func:`predict_batch` autocasts to ``dtype``)."""
     net = net.eval()
     candidates = []
     if device.type == "cpu" and _fused_ops_available():
         candidates.append(("fast-fused", lambda: FastUNet(net, fused=True)))
     candidates.append(("fast", lambda: FastUNet(net, fused=False)))
-    cast = dtype if device.type == "cpu" and dtype != torch.float32 else None
+    stored = stored_dtype(device, dtype)
     side = 2 * net.arch.divisor
     probe = torch.randn(1, net.arch.in_channels, side, side, side, generator=torch.Generator().manual_seed(0))
     probe = probe.to(device).contiguous(memory_format=torch.channels_last_3d)
@@ -267,14 +280,13 @@ def inference_network(net: nn.Module, device: torch.device,
                 if float((got - expected).abs().max()) > 1e-3:
                     log.warning("inference rewrite %s differs from the network; not used", name)
                     continue
-                if cast is not None:
-                    candidate = candidate.to(cast)
-                    candidate(probe.to(cast))
+                if stored != torch.float32:
+                    candidate = candidate.to(stored)
+                    candidate(probe.to(stored))
                 return candidate, name
             except (RuntimeError, ValueError, AttributeError, TypeError, NotImplementedError) as err:
                 log.info("inference rewrite %s unavailable (%s)", name, str(err).splitlines()[0] if str(err) else err)
-    folded = prepare_for_inference(net).to(device)
-    return (folded if cast is None else folded.to(cast)), "folded"
+    return prepare_for_inference(net).to(device, stored), "folded"
 
 
 def _pad_window(data: np.ndarray, window: int) -> np.ndarray:
@@ -370,17 +382,14 @@ def predict_batch(net, batch: np.ndarray | torch.Tensor, device: torch.device, t
     """Sigmoid probabilities (float32 tensor on ``device``) for a batch of windows (N, D, H, W), the
     network computing in ``dtype`` (on the CPU the network's own, see :func:`inference_network`;
     on CUDA by autocast)."""
-    on_cuda = device.type == "cuda"
     x = torch.as_tensor(batch)[:, None].to(device, non_blocking=True)
-    x = x.to(dtype=torch.float32 if on_cuda else dtype,
+    x = x.to(dtype=stored_dtype(device, dtype),
              memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
-    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if on_cuda and dtype != torch.float32
-                else contextlib.nullcontext())
     flips = FLIPS_XY if tta else [()]
     total = None
     for dims in flips:
         xin = torch.flip(x, dims) if dims else x
-        with autocast:
+        with autocast_to(device, dtype):
             logits = net(xin)
         prob = torch.sigmoid(logits.float())
         prob = torch.flip(prob, dims) if dims else prob
