@@ -307,8 +307,14 @@ def test_bench_end_to_end_on_a_tiny_tomogram(tmp_path):
         assert all(s["steal_s"] >= 0 for s in row["stages"].values())
         assert row["steal_s"] == pytest.approx(sum(s["steal_s"] for s in row["stages"].values()), abs=0.05)
     assert report["conv3d_ceiling"]["flops_per_s"] > 1e8
+    # the wider conv3d beside the ceiling: the same inference measured against it
+    wide = report["conv3d_wide"]
+    assert wide["conv"].startswith("192->192 ch") and wide["flops_per_s"] > 1e8
+    assert row["inference_efficiency_wide_conv"] == pytest.approx(
+        row["inference_efficiency"] * report["conv3d_ceiling"]["flops_per_s"] / wide["flops_per_s"], rel=1e-2)
     text = (tmp_path / "bench.txt").read_text()
-    for word in ("normalize", "export", "total", "sys s", "writing a new 3 MiB file", "FLOPs per voxel", "targets:"):
+    for word in ("normalize", "export", "total", "sys s", "writing a new 3 MiB file", "FLOPs per voxel", "targets:",
+                 "a wider conv3d ran at", "against the wider conv3d"):
         assert word in text
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     # the tomogram is reused by a second run
