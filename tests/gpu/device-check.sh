@@ -20,8 +20,10 @@ name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
 print(f"device-check: torch {torch.__version__}, {name}")
 PY
 
+# both run whatever the other's outcome; the script fails if either did
+status=0
 "$python" -c 'import sys; from vesicleflow.cli import app; sys.argv[0] = "vesicleflow"; app()' \
     bench --out "$out" --device "$device" --threads "${THREADS:-$(nproc)}" --dryrun-tomograms 0 \
-    ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
-
-"$python" -m pytest -p no:cacheprovider -q tests/test_precision.py 2>&1 | tee "$out/precision-tests.log"
+    ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" || status=1
+"$python" -m pytest -p no:cacheprovider -q tests/test_precision.py 2>&1 | tee "$out/precision-tests.log" || status=1
+exit "$status"
