@@ -533,7 +533,7 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
     executed = executed_flops_per_voxel(net, info.window)
     del net
     ceilings = [conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision)]
-    wide = [conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV)]
+    wide_convs = [conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV)]
     report["model"] = {"name": info.name, "voxel_size_angstrom": info.voxel_size_angstrom, "window": info.window,
                        "flops_per_voxel": flops_per_voxel, "executed_flops_per_voxel": executed}
     report["tomograms"] = []
@@ -548,9 +548,9 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
     report["machine"]["new_file_write"] = new_file_write_cost(out, probe_bytes)
     # the ceiling is the machine's best: measured before and after the runs (a busy machine lowers it)
     ceilings.append(conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision))
-    wide.append(conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV))
+    wide_convs.append(conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV))
     ceiling = max(ceilings, key=lambda c: c["flops_per_s"])
-    wide = max(wide, key=lambda c: c["flops_per_s"])
+    wide = max(wide_convs, key=lambda c: c["flops_per_s"])
     report["conv3d_wide"] = {"flops_per_s": round(wide["flops_per_s"]), "conv": wide["conv"], "layout": wide["layout"]}
     ceiling["flops_per_cpu_s"] = max(c["flops_per_cpu_s"] for c in ceilings)
     report["conv3d_ceiling"] = {**ceiling, "flops_per_s": round(ceiling["flops_per_s"]),
