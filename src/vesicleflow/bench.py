@@ -532,8 +532,12 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
     flops_per_voxel = count_flops_per_voxel(net, info.window)
     executed = executed_flops_per_voxel(net, info.window)
     del net
-    ceilings = [conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision)]
-    wide_convs = [conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV)]
+
+    def ceiling_and_wide_conv() -> tuple[dict, dict]:
+        return (conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision),
+                conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV))
+
+    before_runs = ceiling_and_wide_conv()
     report["model"] = {"name": info.name, "voxel_size_angstrom": info.voxel_size_angstrom, "window": info.window,
                        "flops_per_voxel": flops_per_voxel, "executed_flops_per_voxel": executed}
     report["tomograms"] = []
@@ -547,8 +551,7 @@ def run_benchmark(out: str | Path, shapes=DEFAULT_SHAPES, voxel_size_angstrom: f
             shutil.rmtree(work)
     report["machine"]["new_file_write"] = new_file_write_cost(out, probe_bytes)
     # the ceiling is the machine's best: measured before and after the runs (a busy machine lowers it)
-    ceilings.append(conv3d_ceiling(dev, threads, side=ceiling_side, precision=precision))
-    wide_convs.append(conv3d_ceiling(dev, threads, precision=precision, **WIDE_CONV))
+    ceilings, wide_convs = zip(before_runs, ceiling_and_wide_conv())
     ceiling = max(ceilings, key=lambda c: c["flops_per_s"])
     wide = max(wide_convs, key=lambda c: c["flops_per_s"])
     report["conv3d_wide"] = {"flops_per_s": round(wide["flops_per_s"]), "conv": wide["conv"], "layout": wide["layout"]}
