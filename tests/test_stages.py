@@ -260,14 +260,17 @@ def test_sharded_inference_stitches_to_the_one_shard_map(mrc_factory, tmp_path):
     np.testing.assert_allclose(maps[3], maps[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("window, shards", [(32, 1), (64, 1), (32, 3), (96, 2)])
-def test_ring_accumulator_hands_out_the_whole_box_sums(window, shards):
+@pytest.mark.parametrize("window, shards, keep_weight",
+                         [(32, 1, False), (64, 1, False), (32, 1, True), (32, 3, True), (96, 2, True)])
+def test_ring_accumulator_hands_out_the_whole_box_sums(window, shards, keep_weight):
     """The accumulators keep only a few chunk rows of planes (a ring that wraps several times over a
     deep box): the rows they hand out are bit for bit the whole box's sum(w*p) / sum(w) and sum(w),
-    in order, each once, however the plan is split into shards."""
+    in order, each once, however the plan is split into shards; summing sum(w) a tile of y rows at
+    a time (when the weight is not kept, as for a plan's only shard; 70 rows here, so a tile of 64
+    and one of 6) divides by the same numbers."""
     import torch
 
-    from vesicleflow.infer import _Accumulator, accumulator_planes
+    from vesicleflow.infer import WEIGHT_TILE_ROWS, _Accumulator, accumulator_planes
     from vesicleflow.tiling import shard_box
 
     shape = (300, 70, 50)
@@ -277,7 +280,8 @@ def test_ring_accumulator_hands_out_the_whole_box_sums(window, shards):
     for shard in range(shards):
         start, stop = shard_box(plan, shard)
         box = [b - a for a, b in zip(start, stop)]
-        acc = _Accumulator(box, window, weights, torch.device("cpu"))
+        acc = _Accumulator(box, window, weights, torch.device("cpu"), keep_weight=keep_weight)
+        assert acc.tile_rows == (box[1] if keep_weight else WEIGHT_TILE_ROWS) and box[1] > WEIGHT_TILE_ROWS
         assert acc.depth == accumulator_planes(window, box[0]) < box[0] or shards > 1
         numerator, denominator = np.zeros(box, np.float32), np.zeros(box, np.float32)
         rows = []
@@ -286,18 +290,37 @@ def test_ring_accumulator_hands_out_the_whole_box_sums(window, shards):
             local = tuple(slice(o - s, min(o + window, e) - s) for o, s, e in zip(origin, start, stop))
             crop = tuple(slice(0, sl.stop - sl.start) for sl in local)
             probability = rng.random((window,) * 3, dtype=np.float32)
-            rows += [(z, p.copy(), w.copy()) for z, p, w in acc.finished_rows(local[0].start)]
+            rows += [(z, p.copy(), w if w is None else w.copy()) for z, p, w in acc.finished_rows(local[0].start)]
             acc.add(local, crop, torch.from_numpy(probability))
             numerator[local] += probability[crop] * weights[crop]
             denominator[local] += weights[crop]
-        rows += [(z, p.copy(), w.copy()) for z, p, w in acc.finished_rows(box[0])]
+        rows += [(z, p.copy(), w if w is None else w.copy()) for z, p, w in acc.finished_rows(box[0])]
         assert [z for z, _, _ in rows] == list(range(0, box[0], 64))
         with np.errstate(invalid="ignore"):
             expected = np.nan_to_num(numerator / denominator, nan=0.0)
         np.testing.assert_array_equal(np.concatenate([p for _, p, _ in rows]), expected)
-        np.testing.assert_array_equal(np.concatenate([w for _, _, w in rows]), denominator)
+        if keep_weight:
+            np.testing.assert_array_equal(np.concatenate([w for _, _, w in rows]), denominator)
+        else:
+            assert all(w is None for _, _, w in rows)
         with pytest.raises(ValueError, match="outside the accumulators"):
             acc.add((slice(0, 5), slice(0, 5), slice(0, 5)), (slice(0, 5),) * 3, torch.zeros((window,) * 3))
+
+
+def test_accumulator_without_weight_refuses_voxels_no_window_reaches():
+    """A plan's only shard is written without its weight, so a voxel no window reaches would be a
+    silent 0: the accumulator stops instead, naming the planes."""
+    import torch
+
+    from vesicleflow.infer import _Accumulator
+
+    window = 16
+    acc = _Accumulator((32, 80, 16), window, gaussian_importance(window), torch.device("cpu"), keep_weight=False)
+    for y in (0, 16, 48, 64):  # y rows 32-47 left out
+        local = (slice(0, 16), slice(y, y + 16), slice(0, 16))
+        acc.add(local, (slice(0, 16),) * 3, torch.full((window,) * 3, 0.5))
+    with pytest.raises(RuntimeError, match=r"no window reaches \(box planes 0-32\)"):
+        list(acc.finished_rows(32))
 
 
 def test_slab_reader_reading_ahead_cuts_every_window_of_the_volume(tmp_path):

@@ -61,6 +61,8 @@ FLIPS_XY = [(), (4,), (3,), (3, 4)]
 CPU_BATCH_SIZE, CUDA_BATCH_SIZE = 4, 16
 #: Largest share of free GPU memory the two accumulators may take before they move to the CPU.
 DEVICE_ACCUMULATOR_SHARE = 0.25
+#: y rows of a chunk row whose sum(w) is summed at a time when the shard's weight is not written.
+WEIGHT_TILE_ROWS = 64
 #: Prefix of the log line with the shard's timing (JSON), read by ``vesicleflow bench``.
 STATS_PREFIX = "infer stats "
 #: What the network computes in. ``auto``: float16 autocast on CUDA, float32 on the CPU (the
@@ -438,19 +440,22 @@ class _Accumulator:
     slots are zeroed for the planes to come. sum(w) depends on where the windows lie alone, so it
     is not kept as a second ring: each row's is summed when the row is handed out, from the windows
     that reach it, in the order they came (the same float32 additions in the same order as a
-    running sum). For the largest benchmark tomogram that is 0.45 GB taken once (a 302 MB ring and
-    a 151 MB row) instead of 0.6 GB (two rings) or 1.06 GB (whole-box sums); new memory is the
-    dearest part of starting infer on a host that must supply it. The shard is written during
-    inference, not after it.
+    running sum). A plan's only shard is written without its weight (``keep_weight`` False), so
+    sum(w) is then summed :data:`WEIGHT_TILE_ROWS` y rows at a time. For the largest benchmark
+    tomogram that is 0.31 GB taken once (a 302 MB ring and a 13 MB tile; 151 MB for a whole row
+    when the weight is kept) instead of 0.6 GB (two rings) or 1.06 GB (whole-box sums); new memory
+    is the dearest part of starting infer on a host that must supply it. The shard is written
+    during inference, not after it.
     """
 
     def __init__(self, box_shape, window: int, weights: np.ndarray, device: torch.device,
-                 chunk: int = DEFAULT_CHUNKS[0]):
-        self.box_shape, self.chunk = tuple(box_shape), chunk
+                 chunk: int = DEFAULT_CHUNKS[0], keep_weight: bool = True):
+        self.box_shape, self.chunk, self.keep_weight = tuple(box_shape), chunk, keep_weight
         self.depth = accumulator_planes(window, box_shape[0], chunk)
         self.weighted = torch.zeros((self.depth, *box_shape[1:]), dtype=torch.float32, device=device)
-        self.row_weight = torch.empty((min(chunk, box_shape[0]), *box_shape[1:]), dtype=torch.float32,
-                                      device=device)
+        self.tile_rows = box_shape[1] if keep_weight else min(WEIGHT_TILE_ROWS, box_shape[1])
+        self.weight_tile = torch.empty((min(chunk, box_shape[0]), self.tile_rows, box_shape[2]),
+                                       dtype=torch.float32, device=device)
         self.weights = torch.from_numpy(weights).to(device)
         self.product = torch.empty_like(self.weights)
         self.device = device
@@ -459,7 +464,7 @@ class _Accumulator:
 
     @staticmethod
     def planes(window: int, box_shape, chunk: int = DEFAULT_CHUNKS[0]) -> int:
-        """The float32 planes of the box's y/x size that an accumulator holds: its ring and a row."""
+        """The float32 planes of the box's y/x size that an accumulator holds at most: its ring and a row."""
         return accumulator_planes(window, box_shape[0], chunk) + min(chunk, box_shape[0])
 
     def add(self, local, crop, probability: torch.Tensor) -> None:
@@ -476,32 +481,40 @@ class _Accumulator:
                 self.weighted[(slice(a, b), *local[1:])].add_(product[pa:pb])
         self.placed.append((local, crop))
 
-    def _weight_of_planes(self, z0: int, z1: int) -> torch.Tensor:
-        """sum(w) over box planes [z0, z1), in the row buffer: the windows' weights in the order added."""
-        weight = self.row_weight[:z1 - z0]
+    def _weight_of_tile(self, z0: int, z1: int, y0: int, y1: int) -> torch.Tensor:
+        """sum(w) over box planes [z0, z1) and y rows [y0, y1), in the tile buffer: the windows'
+        weights in the order added."""
+        weight = self.weight_tile[:z1 - z0, :y1 - y0]
         weight.zero_()
         for local, crop in self.placed:
             a, b = max(local[0].start, z0), min(local[0].stop, z1)
-            if a < b:
-                planes = slice(a - local[0].start, b - local[0].start)
-                weight[(slice(a - z0, b - z0), *local[1:])].add_(self.weights[crop][planes])
+            ya, yb = max(local[1].start, y0), min(local[1].stop, y1)
+            if a < b and ya < yb:
+                z, y = local[0].start, local[1].start
+                weight[a - z0:b - z0, ya - y0:yb - y0, local[2]].add_(self.weights[crop][a - z:b - z, ya - y:yb - y])
         return weight
 
     def finished_rows(self, below: int):
         """Yield ``(z, probability, weight)`` for each chunk row of planes that ends at or below box
         plane ``below`` (or at the box's end) and was not yet handed out: sum(w*p) / sum(w) (0 where
-        no window of the shard reaches) and sum(w), numpy arrays valid until the next row is asked
-        for; its slots are then zeroed."""
+        no window of the shard reaches) and sum(w) (None unless ``keep_weight``), numpy arrays valid
+        until the next row is asked for; its slots are then zeroed. Without ``keep_weight`` a voxel
+        that no window reaches is an error (the shard is the whole plan)."""
         while self.handed_out < self.box_shape[0]:
             z0 = self.handed_out
             z1 = min(z0 + self.chunk, self.box_shape[0])
             if z1 > below:
                 return
             weighted = self.weighted[z0 % self.depth: z0 % self.depth + z1 - z0]
-            weight = self._weight_of_planes(z0, z1)
-            torch.div(weighted, weight, out=weighted)
+            for y0 in range(0, self.box_shape[1], self.tile_rows):
+                y1 = min(y0 + self.tile_rows, self.box_shape[1])
+                weight = self._weight_of_tile(z0, z1, y0, y1)
+                if not self.keep_weight and not weight.min() > 0:
+                    raise RuntimeError(f"the plan's only shard leaves voxels that no window reaches "
+                                       f"(box planes {z0}-{z1})")
+                weighted[:, y0:y1].div_(weight)
             weighted.nan_to_num_(nan=0.0)  # 0 / 0: voxels of the box that none of its windows reach
-            yield z0, weighted.cpu().numpy(), weight.cpu().numpy()
+            yield z0, weighted.cpu().numpy(), weight.cpu().numpy() if self.keep_weight else None
             weighted.zero_()
             self.handed_out = z1
             self.placed = [(local, crop) for local, crop in self.placed if local[0].stop > z1]
@@ -515,23 +528,20 @@ class _ShardWriter:
     can become that map as it is; ``weight`` (smooth and periodic) is compressed with zarr's
     default codec (16x smaller, quickly)."""
 
-    def __init__(self, tmp: Path, box_shape, attrs: dict, plan_path):
+    def __init__(self, tmp: Path, box_shape, attrs: dict):
         import zarr
 
-        self.only_shard = attrs["only_shard"]
         self.probability = create_volume(tmp / "probability", box_shape, "float32", attrs=attrs)
         self.weight = None
-        if not self.only_shard:
+        if not attrs["only_shard"]:
             chunks = tuple(min(c, s) for c, s in zip(DEFAULT_CHUNKS, box_shape))
             self.weight = zarr.create_array(store=str(tmp / "weight"), shape=tuple(box_shape), chunks=chunks,
                                             dtype="float32", fill_value=0, overwrite=True)
             self.weight.attrs.update(attrs)
-        self.seconds, self.plan_path = 0.0, plan_path
+        self.seconds = 0.0
 
-    def write(self, z: int, probability: np.ndarray, weight: np.ndarray) -> None:
+    def write(self, z: int, probability: np.ndarray, weight: np.ndarray | None) -> None:
         began = time.perf_counter()
-        if self.only_shard and not weight.min() > 0:
-            raise RuntimeError(f"{self.plan_path}: the plan's only shard leaves voxels that no window reaches")
         write_block(self.probability, (z, 0, 0), probability)
         if self.weight is not None:
             write_block(self.weight, (z, 0, 0), weight)
@@ -566,7 +576,8 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         net, form = inference_network(net, dev, dtype)
         box_shape = [b - a for a, b in zip(start, stop)]
         acc_device = _accumulator_device(dev, _Accumulator.planes(window, box_shape), box_shape[1:])
-        acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device)
+        acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device,
+                           keep_weight=len(plan["shards"]) > 1)
         log.info("shard %d: %d windows of %d³ on %s (network %s in %s, batch %d, tta %s, accumulating on %s)",
                  shard, len(origins), window, dev, form, dtype_name(dtype), batch_size, tta, acc.device)
         if dev.type == "cuda":
@@ -577,7 +588,7 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         setup_s = began - started
         read_s = forward_s = accumulate_s = 0.0
         tmp = stack.enter_context(atomic_output(output))
-        writer = _ShardWriter(Path(tmp), box_shape, attrs, plan_path)
+        writer = _ShardWriter(Path(tmp), box_shape, attrs)
         for first in range(0, len(origins), batch_size):
             chunk = origins[first:first + batch_size]
             t0 = time.perf_counter()
