@@ -575,15 +575,16 @@ def infer_shard(normalized: str | Path, plan_path: str | Path, shard: int, outpu
         net, _ = load_model(model, dev)
         net, form = inference_network(net, dev, dtype)
         box_shape = [b - a for a, b in zip(start, stop)]
+        only_shard = len(plan["shards"]) == 1
         acc_device = _accumulator_device(dev, _Accumulator.planes(window, box_shape), box_shape[1:])
         acc = _Accumulator(box_shape, window, gaussian_importance(window), acc_device,
-                           keep_weight=len(plan["shards"]) > 1)
+                           keep_weight=not only_shard)
         log.info("shard %d: %d windows of %d³ on %s (network %s in %s, batch %d, tta %s, accumulating on %s)",
                  shard, len(origins), window, dev, form, dtype_name(dtype), batch_size, tta, acc.device)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         attrs = {"box_start": start, "box_stop": stop, "shape": plan["shape"], "shard": shard,
-                 "only_shard": len(plan["shards"]) == 1}
+                 "only_shard": only_shard}
         began = time.perf_counter()
         setup_s = began - started
         read_s = forward_s = accumulate_s = 0.0
